@@ -1,0 +1,162 @@
+"""The shared core every solver is written on: the solver registry and `Run`, one sampling run's state.
+
+A solver is a function `solver(run, x, **options) -> x` registered with `@register(name, order=...)`. It walks the
+time grid `run.t[0] > ... > run.t[-1]`, calls the network through `run.denoise(x, i)` / `run.denoise_at(x, t)`,
+and reports each finished step with `run.report(i, x, prediction)`. All per-time coefficients (alpha, sigma,
+log-SNR, derivatives) are precomputed once in float64 as Python floats, so the loop creates no device tensors
+and never synchronises with the device.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..parameterization import Denoiser, Prediction
+from ..processes import Process
+
+SolverFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """A registered solver: its function, convergence order, whether it is stochastic, and its options."""
+
+    name: str
+    fn: SolverFn
+    order: int
+    stochastic: bool = False
+    options: tuple[str, ...] = field(default=())
+    summary: str = ""
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            allowed = ", ".join(self.options) if self.options else "none"
+            raise ValueError(f"solver {self.name!r} does not take option(s) {', '.join(unknown)}; allowed: {allowed}")
+
+
+_REGISTRY: dict[str, SolverSpec] = {}
+
+
+def register(name: str, *, order: int, stochastic: bool = False) -> Callable[[SolverFn], SolverFn]:
+    """Decorator: register `fn(run, x, **options)` under `name`; keyword-only parameters become its options."""
+
+    def decorate(fn: SolverFn) -> SolverFn:
+        if name in _REGISTRY:
+            raise ValueError(f"solver {name!r} is registered twice")
+        params = inspect.signature(fn).parameters.values()
+        options = tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        summary = (inspect.getdoc(fn) or "").split("\n")[0]
+        _REGISTRY[name] = SolverSpec(name, fn, order, stochastic, options, summary)
+        return fn
+
+    return decorate
+
+
+def get_solver(name: str) -> SolverSpec:
+    if name not in _REGISTRY:
+        raise ValueError(f"solver={name!r} is not known; allowed values: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def solver_specs() -> dict[str, SolverSpec]:
+    return dict(sorted(_REGISTRY.items()))
+
+
+class Run:
+    """One sampling run: the time grid with its coefficients, the wrapped model, and the final-step policy.
+
+    Lists of Python floats indexed by grid point i = 0..steps: t, alpha, sigma, log_snr, dalpha, dsigma.
+    `lower_order_final`: multistep solvers lower their order over the last steps (see `order_at`).
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        ts: torch.Tensor,
+        *,
+        lower_order_final: bool = False,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        progress: bool = False,
+    ):
+        process: Process = denoiser.process
+        self.denoiser = denoiser
+        self.process = process
+        self.steps = len(ts) - 1
+        self.t: list[float] = ts.tolist()
+        self.alpha: list[float] = process.alpha(ts).tolist()
+        self.sigma: list[float] = process.sigma(ts).tolist()
+        self.log_snr: list[float] = process.log_snr(ts).tolist()
+        self.dalpha: list[float] = process.dalpha_dt(ts).tolist()
+        self.dsigma: list[float] = process.dsigma_dt(ts).tolist()
+        self.lower_order_final = lower_order_final
+        self.generator = generator
+        self.callback = callback
+        self.progress = progress
+
+    def denoise(self, x: torch.Tensor, i: int) -> Prediction:
+        """Network evaluation at grid point i."""
+        return self.denoiser(x, self.t[i])
+
+    def denoise_at(self, x: torch.Tensor, t: float) -> Prediction:
+        """Network evaluation at an off-grid time t (singlestep / Runge-Kutta stages)."""
+        return self.denoiser(x, t)
+
+    def range(self) -> Iterator[int]:
+        """The step indices 0..steps-1, with a progress bar when asked for."""
+        if not self.progress:
+            yield from range(self.steps)
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm(total=self.steps, desc="sampling", unit="step") as bar:
+            for i in range(self.steps):
+                yield i
+                bar.update(1)
+
+    def report(self, i: int, x: torch.Tensor, prediction: Prediction | None) -> None:
+        """Call the user's callback after step i (x is now at time t[i + 1])."""
+        if self.callback is not None:
+            self.callback({"step": i, "t": self.t[i + 1], "x": x, "x0": None if prediction is None else prediction.x0,
+                           "nfe": self.denoiser.nfe})
+
+    def order_at(self, i: int, order: int) -> int:
+        """Effective order of multistep step i -> i+1 for a method of the given order.
+
+        Lowered (a) during warm-up, when fewer than `order` past evaluations exist; (b) when a history point or
+        the start lies at log-SNR -inf (alpha = 0: the log-SNR step there is infinite and the higher-order terms
+        vanish in the limit); (c) when the step ends at sigma = 0 (a pure denoising step); (d) over the last
+        steps when `lower_order_final` is set (Lu et al., 2022b, "DPM-Solver++", section 5).
+        """
+        order = min(order, i + 1)
+        for j in range(order):
+            if self.log_snr[i - j] == -math.inf:
+                order = max(j, 1)
+                break
+        if self.log_snr[i + 1] == math.inf:
+            order = 1
+        if self.lower_order_final:
+            order = min(order, self.steps - i)
+        return order
+
+    # Shared step formulas -------------------------------------------------------------------------------------
+
+    def ddim_step(self, i: int, pred: Prediction, j: int | None = None) -> torch.Tensor:
+        """First-order exponential-integrator step to grid point j (default i + 1): alpha_j x0 + sigma_j eps.
+
+        This is DDIM (Song et al., 2021a) = DPM-Solver-1 = DPM-Solver++(1); written in (x0, eps) it is finite
+        at alpha = 0 and sigma = 0.
+        """
+        j = i + 1 if j is None else j
+        return self.alpha[j] * pred.x0 + self.sigma[j] * pred.eps
+
+    def velocity(self, pred: Prediction, i: int) -> torch.Tensor:
+        """Probability-flow ODE drift dx/dt = alpha'(t) x0 + sigma'(t) eps at grid point i."""
+        return self.dalpha[i] * pred.x0 + self.dsigma[i] * pred.eps
