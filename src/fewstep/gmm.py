@@ -189,5 +189,3 @@ def problem(name: str) -> GaussianMixture:
     if name not in PROBLEMS:
         raise ValueError(f"problem={name!r} is not known; allowed values: {', '.join(PROBLEMS)}")
     return PROBLEMS[name]()
-
-

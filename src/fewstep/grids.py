@@ -10,15 +10,13 @@ A user tensor of times is accepted as well. Endpoints are exactly t_start and t_
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 
 from .processes import Process
 
 SCHEDULES = ("time_uniform", "logsnr", "quadratic", "karras")
 
-Schedule = Union[str, torch.Tensor, None]
+Schedule = str | torch.Tensor | None
 
 
 def _uniform(start: float, end: float, steps: int) -> torch.Tensor:
@@ -50,9 +48,7 @@ def time_grid(
     if isinstance(schedule, torch.Tensor):
         return _check_user_grid(process, schedule, steps)
     if not isinstance(schedule, str) or schedule not in SCHEDULES:
-        raise ValueError(
-            f"schedule={schedule!r} is not known; allowed values: {', '.join(SCHEDULES)}, or a tensor of times"
-        )
+        raise ValueError(f"schedule={schedule!r} is not known; allowed values: {', '.join(SCHEDULES)}, or a tensor of times")
     if schedule == "time_uniform":
         ts = _uniform(t_start, t_end, steps)
     elif schedule == "quadratic":
@@ -83,8 +79,7 @@ def _check_user_grid(process: Process, ts: torch.Tensor, steps: int) -> torch.Te
     ts = ts.detach().to("cpu", torch.float64).flatten()
     if ts.numel() != steps + 1:
         raise ValueError(
-            f"schedule is a tensor of {ts.numel()} times ({ts.numel() - 1} steps) but steps={steps}; "
-            f"pass steps={ts.numel() - 1}"
+            f"schedule is a tensor of {ts.numel()} times ({ts.numel() - 1} steps) but steps={steps}; pass steps={ts.numel() - 1}"
         )
     if not bool((ts[1:] < ts[:-1]).all()):
         raise ValueError("schedule tensor must be strictly decreasing (from noise to data)")

@@ -88,9 +88,7 @@ def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, kind: str, c: Coefficients)
     raise AssertionError(kind)
 
 
-def convert(
-    pred: torch.Tensor, x: torch.Tensor, t: Time, process: Process, *, source: str, target: str
-) -> torch.Tensor:
+def convert(pred: torch.Tensor, x: torch.Tensor, t: Time, process: Process, *, source: str, target: str) -> torch.Tensor:
     """Convert a prediction at (x, t) from parameterization `source` to `target` exactly.
 
     pred, x: [batch, ...]; t: scalar or [batch] in the process's time.
@@ -182,4 +180,3 @@ class Denoiser:
 
 def _time_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Union
 
 import torch
 import torch.nn.functional as F
 
-Time = Union[float, torch.Tensor]
+Time = float | torch.Tensor
 
 
 def _as_tensor(t: Time) -> torch.Tensor:
@@ -74,8 +73,7 @@ class Process(ABC):
         tol = 1e-9 * max(1.0, abs(self.t_max))
         if not (self.t_min - tol <= t <= self.t_max + tol) or math.isnan(t):
             raise ValueError(
-                f"{name}={t} is outside the time range of {self!r}: allowed values are "
-                f"{self.t_min} <= {name} <= {self.t_max}"
+                f"{name}={t} is outside the time range of {self!r}: allowed values are {self.t_min} <= {name} <= {self.t_max}"
             )
         return min(max(t, self.t_min), self.t_max)
 
@@ -164,9 +162,7 @@ class DiscreteVP(_VPBase):
         return cls(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64))
 
     @classmethod
-    def scaled_linear(
-        cls, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
-    ) -> DiscreteVP:
+    def scaled_linear(cls, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> DiscreteVP:
         """Betas linear in sqrt(beta), as used by Stable Diffusion (Rombach et al., 2022)."""
         return cls(torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2)
 

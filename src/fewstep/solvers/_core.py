@@ -124,8 +124,15 @@ class Run:
     def report(self, i: int, x: torch.Tensor, prediction: Prediction | None) -> None:
         """Call the user's callback after step i (x is now at time t[i + 1])."""
         if self.callback is not None:
-            self.callback({"step": i, "t": self.t[i + 1], "x": x, "x0": None if prediction is None else prediction.x0,
-                           "nfe": self.denoiser.nfe})
+            self.callback(
+                {
+                    "step": i,
+                    "t": self.t[i + 1],
+                    "x": x,
+                    "x0": None if prediction is None else prediction.x0,
+                    "nfe": self.denoiser.nfe,
+                }
+            )
 
     def order_at(self, i: int, order: int) -> int:
         """Effective order of multistep step i -> i+1 for a method of the given order.
