@@ -118,7 +118,8 @@ class Denoiser:
     `model(x, t)` takes x [batch, ...] and t [batch] (the process's time) and returns a tensor shaped like x.
     Shapes and dtypes are checked on every call (host-side metadata, no device sync). Finiteness is checked
     without synchronising: each call records a device flag, and `raise_if_not_finite` looks at them once.
-    `x0_fn`, when given, post-processes the data prediction (thresholding, clipping) and the noise prediction is
+    A model that costs several network evaluations per call (classifier-free guidance batching conditional and
+    unconditional inputs) says so with an attribute `nfe_per_call`. `x0_fn`, when given, post-processes the data prediction (thresholding, clipping) and the noise prediction is
     made consistent with it.
     """
 
@@ -141,7 +142,7 @@ class Denoiser:
         """One network evaluation at scalar time t, checked; returns the model's own prediction."""
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=_time_dtype(x))
         out = self.model(x, t_batch)
-        self.nfe += 1
+        self.nfe += getattr(self.model, "nfe_per_call", 1)
         if not isinstance(out, torch.Tensor):
             raise ModelError(f"the model must return a torch.Tensor, got {type(out).__name__} at time t={t}")
         if out.shape != x.shape:
