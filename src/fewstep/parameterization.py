@@ -119,8 +119,8 @@ class Denoiser:
     Shapes and dtypes are checked on every call (host-side metadata, no device sync). Finiteness is checked
     without synchronising: each call records a device flag, and `raise_if_not_finite` looks at them once.
     A model that costs several network evaluations per call (classifier-free guidance batching conditional and
-    unconditional inputs) says so with an attribute `nfe_per_call`. `x0_fn`, when given, post-processes the data prediction (thresholding, clipping) and the noise prediction is
-    made consistent with it.
+    unconditional inputs) says so with an attribute `nfe_per_call`. `x0_fn`, when given, post-processes the data
+    prediction (thresholding, clipping) and the noise prediction is made consistent with it.
     """
 
     def __init__(

@@ -153,6 +153,29 @@ class Run:
             order = min(order, self.steps - i)
         return order
 
+    def noise_like(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Standard normal noise shaped like x for the step i -> i + 1 of a stochastic solver.
+
+        `run.generator` may be None (global RNG), a torch.Generator, a list of per-sample generators (a sample's
+        noise then does not depend on the batch it is in), or a noise source: a callable
+        `source(x, t_from, t_to) -> Tensor` returning standard normal noise for that interval (a Brownian tree).
+        """
+        g = self.generator
+        if g is None:
+            return torch.randn_like(x)
+        if isinstance(g, torch.Generator):
+            return torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype).to(x.device)
+        if isinstance(g, (list, tuple)):
+            if len(g) != x.shape[0]:
+                raise ValueError(f"generator is a list of {len(g)} generators but the batch has {x.shape[0]} samples")
+            return torch.stack([torch.randn(x.shape[1:], generator=gi, device=gi.device, dtype=x.dtype) for gi in g]).to(x.device)
+        if callable(g):
+            return g(x, self.t[i], self.t[i + 1])
+        raise TypeError(
+            "generator must be None, a torch.Generator, a list of per-sample generators or a noise source "
+            f"callable(x, t_from, t_to); got {type(g).__name__}"
+        )
+
     # Shared step formulas -------------------------------------------------------------------------------------
 
     def ddim_step(self, i: int, pred: Prediction, j: int | None = None) -> torch.Tensor:
