@@ -1,22 +1,79 @@
 """Time grids (step schedules): decreasing times t_0 = t_start > ... > t_steps = t_end for any process.
 
 Each named grid is uniform in some transform of time:
-- "time_uniform": t itself (DDIM, Song et al., 2021a);
-- "logsnr":       the log-SNR lambda(t) (DPM-Solver, Lu et al., 2022);
-- "quadratic":    sqrt(t), i.e. t quadratic in the step index (DDIM/DPM-Solver "time_quadratic"; t >= 0);
-- "karras":       sigma/alpha raised to 1/rho, rho = 7 by default (EDM, Karras et al., 2022).
-A user tensor of times is accepted as well. Endpoints are exactly t_start and t_end.
+- "time_uniform":    t itself (DDIM, Song et al., 2021a);
+- "logsnr":          the log-SNR lambda(t) (DPM-Solver, Lu et al., 2022);
+- "exponential":     k-diffusion's name for the same grid (uniform in log sigma/alpha = -lambda), an alias of "logsnr";
+- "quadratic":       sqrt(t), i.e. t quadratic in the step index (DDIM/DPM-Solver "time_quadratic"; t >= 0);
+- "karras":          sigma/alpha raised to 1/rho, rho = 7 by default (EDM, Karras et al., 2022);
+- "polyexponential": lambda = lambda_end + (lambda_start - lambda_end) r^rho with r uniform from 1 to 0, rho = 1
+                     by default (k-diffusion, Crowson; rho = 1 is "exponential").
+A grid with parameters is written `Schedule("karras", rho=5.0)`; a user tensor of times, or any object with a
+method `grid(process, steps, t_start, t_end) -> Tensor` (e.g. a searched schedule), is accepted as well.
+Endpoints are exactly t_start and t_end.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from .processes import Process
 
-SCHEDULES = ("time_uniform", "logsnr", "quadratic", "karras")
+SCHEDULES = ("time_uniform", "logsnr", "exponential", "quadratic", "karras", "polyexponential")
+ALIASES = {"exponential": "logsnr"}  # k-diffusion's name -> fewstep's name
+PARAMETERS: dict[str, dict[str, float]] = {"karras": {"rho": 7.0}, "polyexponential": {"rho": 1.0}}  # defaults
 
-Schedule = str | torch.Tensor | None
+
+@runtime_checkable
+class GridSource(Protocol):
+    """Anything that makes its own grid of `steps + 1` decreasing times (a searched schedule, say)."""
+
+    def grid(self, process: Process, steps: int, t_start: float, t_end: float) -> torch.Tensor: ...
+
+
+class Schedule:
+    """A named grid with its parameters, e.g. `Schedule("polyexponential", rho=2.0)`; pass it as `schedule=`.
+
+    name: one of SCHEDULES; params: the schedule's parameters (only "rho", for "karras" and "polyexponential").
+    """
+
+    def __init__(self, name: str, **params: float):
+        if not isinstance(name, str) or name not in SCHEDULES:
+            raise ValueError(f"schedule={name!r} is not known; allowed values: {', '.join(SCHEDULES)}, or a tensor of times")
+        defaults = PARAMETERS.get(ALIASES.get(name, name), {})
+        unknown = sorted(set(params) - set(defaults))
+        if unknown:
+            allowed = ", ".join(defaults) if defaults else "none"
+            raise ValueError(f"schedule {name!r} does not take parameter(s) {', '.join(unknown)}; allowed: {allowed}")
+        for key, value in params.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{key} must be a positive finite number, got {key}={value!r}")
+        self.name = name
+        self.params = {**defaults, **{k: float(v) for k, v in params.items()}}
+
+    def grid(self, process: Process, steps: int, t_start: float, t_end: float) -> torch.Tensor:
+        """The `steps + 1` decreasing times from t_start to t_end (float64, CPU, endpoints exact)."""
+        ts = _GRIDS[ALIASES.get(self.name, self.name)](process, steps, float(t_start), float(t_end), **self.params)
+        ts = ts.to(torch.float64).clone()
+        ts[0], ts[-1] = t_start, t_end
+        return ts
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Schedule) and (self.name, self.params) == (other.name, other.params)
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(sorted(self.params.items()))))
+
+    def __repr__(self) -> str:
+        params = "".join(f", {k}={v!r}" for k, v in self.params.items())
+        return f"Schedule({self.name!r}{params})"
+
+
+ScheduleLike = str | Schedule | GridSource | torch.Tensor | None
 
 
 def _uniform(start: float, end: float, steps: int) -> torch.Tensor:
@@ -33,46 +90,81 @@ def _finite_log_snr(process: Process, t: float, name: str, schedule: str) -> flo
     return value
 
 
+def _time_uniform(process: Process, steps: int, t_start: float, t_end: float) -> torch.Tensor:
+    return _uniform(t_start, t_end, steps)
+
+
+def _quadratic(process: Process, steps: int, t_start: float, t_end: float) -> torch.Tensor:
+    if t_end < 0:
+        raise ValueError(f"schedule='quadratic' needs t_end >= 0, got t_end={t_end}")
+    return _uniform(t_start**0.5, t_end**0.5, steps) ** 2
+
+
+def _logsnr(process: Process, steps: int, t_start: float, t_end: float) -> torch.Tensor:
+    lam = _uniform(
+        _finite_log_snr(process, t_start, "t_start", "logsnr"),
+        _finite_log_snr(process, t_end, "t_end", "logsnr"),
+        steps,
+    )
+    return process.t_from_log_snr(lam)
+
+
+def _karras(process: Process, steps: int, t_start: float, t_end: float, *, rho: float) -> torch.Tensor:
+    # uniform in (sigma/alpha)^(1/rho) = exp(-lambda/rho)
+    start = float(torch.exp(-process.log_snr(t_start) / rho))
+    if start == float("inf"):
+        _finite_log_snr(process, t_start, "t_start", "karras")
+    end = float(torch.exp(-process.log_snr(t_end) / rho))
+    return process.t_from_log_snr(-rho * torch.log(_uniform(start, end, steps)))
+
+
+def _polyexponential(process: Process, steps: int, t_start: float, t_end: float, *, rho: float) -> torch.Tensor:
+    lam_start = _finite_log_snr(process, t_start, "t_start", "polyexponential")
+    lam_end = _finite_log_snr(process, t_end, "t_end", "polyexponential")
+    ramp = _uniform(1.0, 0.0, steps) ** rho
+    return process.t_from_log_snr(lam_end + (lam_start - lam_end) * ramp)
+
+
+_GRIDS: dict[str, Callable[..., torch.Tensor]] = {
+    "time_uniform": _time_uniform,
+    "logsnr": _logsnr,
+    "quadratic": _quadratic,
+    "karras": _karras,
+    "polyexponential": _polyexponential,
+}
+
+
 def time_grid(
     process: Process,
     steps: int,
     t_start: float,
     t_end: float,
-    schedule: Schedule = None,
+    schedule: ScheduleLike = None,
     *,
-    rho: float = 7.0,
+    rho: float | None = None,
 ) -> torch.Tensor:
-    """The grid of `steps + 1` decreasing times from t_start to t_end as a float64 CPU tensor."""
+    """The grid of `steps + 1` decreasing times from t_start to t_end as a float64 CPU tensor.
+
+    schedule: a name in SCHEDULES, a `Schedule`, a tensor of `steps + 1` decreasing times, an object with a
+    `grid(process, steps, t_start, t_end)` method, or None for the process's default. `rho` sets the parameter
+    of a named "karras" (default 7) or "polyexponential" (default 1) grid.
+    """
     if schedule is None:
         schedule = process.default_schedule
     if isinstance(schedule, torch.Tensor):
         return _check_user_grid(process, schedule, steps)
-    if not isinstance(schedule, str) or schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} is not known; allowed values: {', '.join(SCHEDULES)}, or a tensor of times")
-    if schedule == "time_uniform":
-        ts = _uniform(t_start, t_end, steps)
-    elif schedule == "quadratic":
-        if t_end < 0:
-            raise ValueError(f"schedule='quadratic' needs t_end >= 0, got t_end={t_end}")
-        ts = _uniform(t_start**0.5, t_end**0.5, steps) ** 2
-    elif schedule == "logsnr":
-        lam = _uniform(
-            _finite_log_snr(process, t_start, "t_start", schedule),
-            _finite_log_snr(process, t_end, "t_end", schedule),
-            steps,
-        )
-        ts = process.t_from_log_snr(lam)
-    else:  # karras: uniform in (sigma/alpha)^(1/rho) = exp(-lambda/rho)
-        if rho <= 0:
-            raise ValueError(f"rho must be positive, got rho={rho}")
-        start = float(torch.exp(-process.log_snr(t_start) / rho))
-        if start == float("inf"):
-            _finite_log_snr(process, t_start, "t_start", schedule)
-        end = float(torch.exp(-process.log_snr(t_end) / rho))
-        ts = process.t_from_log_snr(-rho * torch.log(_uniform(start, end, steps)))
-    ts = ts.to(torch.float64).clone()
-    ts[0], ts[-1] = t_start, t_end
-    return ts
+    if isinstance(schedule, str):
+        schedule = Schedule(schedule, **({} if rho is None else {"rho": rho}))
+    elif rho is not None:
+        raise ValueError("rho is only used with a schedule name; put it in the Schedule instead: Schedule(name, rho=...)")
+    if isinstance(schedule, Schedule):
+        return schedule.grid(process, steps, t_start, t_end)
+    if isinstance(schedule, GridSource):
+        return _check_user_grid(process, schedule.grid(process, steps, t_start, t_end), steps)
+    raise ValueError(
+        f"schedule={schedule!r} is not known; allowed values: {', '.join(SCHEDULES)}, a fewstep.Schedule, "
+        "a tensor of times, or an object with a grid(process, steps, t_start, t_end) method"
+    )
 
 
 def _check_user_grid(process: Process, ts: torch.Tensor, steps: int) -> torch.Tensor:

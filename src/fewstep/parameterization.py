@@ -135,7 +135,8 @@ class Denoiser:
         self.prediction = check_prediction(prediction)
         self.x0_fn = x0_fn
         self.nfe = 0
-        self._finite_flags: list[tuple[int, float, torch.Tensor]] = []
+        self.step: int | None = None  # the solver step in progress, set by the solver loop (for error messages)
+        self._finite_flags: list[tuple[int, int | None, float, torch.Tensor]] = []
         self._coefficients: dict[float, Coefficients] = {}
 
     def raw(self, x: torch.Tensor, t: float) -> torch.Tensor:
@@ -149,7 +150,7 @@ class Denoiser:
             raise ModelError(f"the model returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)} at time t={t}")
         if out.dtype != x.dtype:
             raise ModelError(f"the model returned dtype {out.dtype} for x of dtype {x.dtype} at time t={t}")
-        self._finite_flags.append((self.nfe, t, torch.isfinite(out).all()))
+        self._finite_flags.append((self.nfe, self.step, t, torch.isfinite(out).all()))
         return out
 
     def __call__(self, x: torch.Tensor, t: float) -> Prediction:
@@ -168,13 +169,14 @@ class Denoiser:
         """One device sync: raise ModelError naming the first evaluation whose output had NaN or Inf."""
         if not self._finite_flags:
             return
-        flags = torch.stack([f for _, _, f in self._finite_flags])
+        flags = torch.stack([f[-1] for f in self._finite_flags])
         if bool(flags.all()):
             return
         first = int((~flags).nonzero()[0, 0])
-        nfe, t, _ = self._finite_flags[first]
+        nfe, step, t, _ = self._finite_flags[first]
+        where = "" if step is None else f"step {step}, "
         raise ModelError(
-            f"the model returned NaN or Inf at evaluation {nfe} (time t={t:.6g}, log-SNR "
+            f"the model returned NaN or Inf at {where}evaluation {nfe} (time t={t:.6g}, log-SNR "
             f"{float(self.process.log_snr(t)):.4g}); check the model, its prediction type and the time range"
         )
 

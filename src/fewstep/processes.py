@@ -190,7 +190,10 @@ class DiscreteVP(_VPBase):
 
     def time_from_timestep(self, index: Time) -> torch.Tensor:
         """Inverse of `timestep`: t = (index + 1) / N."""
-        return (_as_tensor(index) + 1) / self.num_timesteps
+        index = _as_tensor(index)
+        if not index.is_floating_point():
+            index = index.to(torch.float64)
+        return (index + 1) / self.num_timesteps
 
     def __repr__(self) -> str:
         return f"DiscreteVP(N={self.num_timesteps})"

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .grids import Schedule, time_grid
+from .grids import ScheduleLike, time_grid
 from .parameterization import Denoiser, Model, check_prediction
 from .processes import Process
 from .solvers import Run, get_solver, solver_specs
@@ -28,7 +28,7 @@ def sample(
     prediction: str = "eps",
     solver: str = "dpmpp_2m",
     steps: int = 10,
-    schedule: Schedule = None,
+    schedule: ScheduleLike = None,
     t_start: float | None = None,
     t_end: float | None = None,
     denoise_to_zero: bool = True,
@@ -36,6 +36,7 @@ def sample(
     callback: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
     differentiable: bool = False,
+    x0_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """Sample from a diffusion or flow model with `steps` solver steps; returns x0 [batch, ...].
@@ -43,11 +44,14 @@ def sample(
     model: callable `model(x, t) -> Tensor` predicting `prediction` ("eps", "x0", "v", "velocity", "score"),
         with x [batch, ...] and t [batch] in the process's own time.
     noise: standard normal [batch, ...]; sampling starts at x = sigma(t_start) * noise, t_start = process.t_max.
-    schedule: a grid name ("time_uniform", "logsnr", "quadratic", "karras"), a decreasing tensor of steps + 1
-        times, or None for the process's default.
+    schedule: a grid name (see `fewstep.SCHEDULES`), a `fewstep.Schedule(name, rho=...)` with parameters, a
+        decreasing tensor of steps + 1 times, a searched schedule (`fewstep.optimize_schedule`), or None for the
+        process's default.
     denoise_to_zero: finish with the data prediction at t_end (one more evaluation, skipped where sigma(t_end) = 0).
         Otherwise multistep solvers lower their order over the last steps when steps < 15.
     differentiable: keep the autograd graph through the solver (for schedule search, distillation).
+    x0_fn: post-processing of every data prediction, x0 [batch, ...] -> x0 (thresholding or clipping, see
+        `fewstep.guidance`); the noise prediction is made consistent with it.
     options: solver-specific options (see `fewstep solvers`).
     The result carries the number of network evaluations used as the attribute `nfe`.
     """
@@ -56,6 +60,8 @@ def sample(
     if not isinstance(process, Process):
         raise TypeError(f"process must be a fewstep Process (e.g. fewstep.EDM()), got {type(process).__name__}")
     check_prediction(prediction)
+    if x0_fn is not None and not callable(x0_fn):
+        raise TypeError(f"x0_fn must be None or a callable x0 -> x0 (e.g. fewstep.guidance.static_clip()), got {type(x0_fn).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got steps={steps!r}")
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.ndim < 1:
@@ -67,7 +73,7 @@ def sample(
     ts = time_grid(process, steps, t_start, t_end, schedule)
     sigma_end = float(process.sigma(float(ts[-1])))
     final_denoise = denoise_to_zero and sigma_end > 0
-    denoiser = Denoiser(model, process, prediction)
+    denoiser = Denoiser(model, process, prediction, x0_fn=x0_fn)
     run = Run(
         denoiser,
         ts,

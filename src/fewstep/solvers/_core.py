@@ -111,15 +111,19 @@ class Run:
 
     def range(self) -> Iterator[int]:
         """The step indices 0..steps-1, with a progress bar when asked for."""
-        if not self.progress:
-            yield from range(self.steps)
-            return
-        from tqdm.auto import tqdm
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
 
-        with tqdm(total=self.steps, desc="sampling", unit="step") as bar:
-            for i in range(self.steps):
-                yield i
+            bar = tqdm(total=self.steps, desc="sampling", unit="step")
+        for i in range(self.steps):
+            self.denoiser.step = i
+            yield i
+            if bar is not None:
                 bar.update(1)
+        self.denoiser.step = self.steps  # anything after the loop (final denoising) counts as step `steps`
+        if bar is not None:
+            bar.close()
 
     def report(self, i: int, x: torch.Tensor, prediction: Prediction | None) -> None:
         """Call the user's callback after step i (x is now at time t[i + 1])."""
@@ -153,13 +157,18 @@ class Run:
             order = min(order, self.steps - i)
         return order
 
-    def noise_like(self, x: torch.Tensor, i: int) -> torch.Tensor:
+    def noise_like(self, x: torch.Tensor, i: int, part: int = 0, parts: int = 1) -> torch.Tensor:
         """Standard normal noise shaped like x for the step i -> i + 1 of a stochastic solver.
 
         `run.generator` may be None (global RNG), a torch.Generator, a list of per-sample generators (a sample's
         noise then does not depend on the batch it is in), or a noise source: a callable
         `source(x, t_from, t_to) -> Tensor` returning standard normal noise for that interval (a Brownian tree).
+        A solver that needs several independent draws in one step (a predictor-corrector) asks for `part` k of
+        `parts`: a noise source then gives the noise of the k-th of `parts` equal sub-intervals of the step;
+        generators just draw again.
         """
+        if not 0 <= part < parts:
+            raise ValueError(f"need 0 <= part < parts, got part={part}, parts={parts}")
         g = self.generator
         if g is None:
             return torch.randn_like(x)
@@ -170,7 +179,11 @@ class Run:
                 raise ValueError(f"generator is a list of {len(g)} generators but the batch has {x.shape[0]} samples")
             return torch.stack([torch.randn(x.shape[1:], generator=gi, device=gi.device, dtype=x.dtype) for gi in g]).to(x.device)
         if callable(g):
-            return g(x, self.t[i], self.t[i + 1])
+            t_from, t_to = self.t[i], self.t[i + 1]
+            if parts == 1:
+                return g(x, t_from, t_to)
+            width = (t_to - t_from) / parts
+            return g(x, t_from + part * width, t_to if part == parts - 1 else t_from + (part + 1) * width)
         raise TypeError(
             "generator must be None, a torch.Generator, a list of per-sample generators or a noise source "
             f"callable(x, t_from, t_to); got {type(g).__name__}"
