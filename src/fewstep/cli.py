@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -10,6 +12,22 @@ app = typer.Typer(help="fewstep: few-step diffusion sampling, training and disti
 bench_app = typer.Typer(help="Benchmarks: accuracy against exact answers, solver overhead.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 console = Console()
+
+DEMO_SOLVERS = ("ddim", "euler", "heun", "dpmpp_2m")
+DEMO_NFES = (5, 10, 20)
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _process(name: str):
+    from .train.process_config import build_process
+
+    try:
+        return build_process(name)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--process") from err
 
 
 @app.command("solvers")
@@ -22,6 +40,126 @@ def solvers_command() -> None:
         kind = "SDE" if spec.stochastic else "ODE"
         table.add_row(spec.name, str(spec.order), kind, ", ".join(spec.options) or "-", spec.summary)
     console.print(table)
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("out/demo"), help="Folder for the figure and the table."),
+    samples: int = typer.Option(512, help="Samples per solver."),
+    seed: int = typer.Option(0),
+) -> None:
+    """The main job: sample the embedded default with several solvers at NFE 5/10/20 against the exact answer."""
+    from .demo import gmm_demo
+
+    table_md, figure = gmm_demo(out, solvers=DEMO_SOLVERS, nfes=DEMO_NFES, samples=samples, seed=seed, console=console)
+    console.print(f"\nwrote {figure} and {out / 'demo_gmm.md'}")
+
+
+@app.command("sample")
+def sample_command(
+    solver: str = typer.Option("dpmpp_2m", help="Solver name (see `fewstep solvers`)."),
+    steps: int = typer.Option(10, help="Solver steps."),
+    schedule: str = typer.Option(None, help="Grid name (default: the process's default)."),
+    process: str = typer.Option("discrete_vp", help="discrete_vp, vp, ve, edm or rectified_flow."),
+    problem: str = typer.Option("ring2d", help="Exact Gaussian-mixture model: ring2d or mixture16d."),
+    n: int = typer.Option(1000, help="Number of samples."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("out/samples.npy"), help="Output .npy (array) or .png (scatter of 2-D samples)."),
+) -> None:
+    """Sample the exact model of a Gaussian-mixture problem and save the samples."""
+    import numpy as np
+    import torch
+
+    from . import gmm
+    from .sampling import sample
+
+    if out.suffix not in (".npy", ".png"):
+        raise typer.BadParameter(f"output must end in .npy or .png, got {out.name}", param_hint="--out")
+    proc = _process(process)
+    mixture = gmm.problem(problem)
+    prediction = "velocity" if process == "rectified_flow" else "eps"
+    noise = torch.randn(n, mixture.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x = sample(mixture.model(proc, prediction), noise, process=proc, prediction=prediction, solver=solver, steps=steps,
+               schedule=schedule, progress=True)  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        tmp = out.with_name(out.name + ".tmp.npy")
+        np.save(tmp, x.numpy())
+        tmp.replace(out)
+    else:
+        from .demo import scatter_figure
+
+        scatter_figure(
+            {f"{solver}, {steps} steps (NFE {x.nfe})": x, "exact": mixture.sample(n, torch.Generator().manual_seed(seed))}, out
+        )
+    console.print(f"{n} samples, NFE {x.nfe}, wrote {out}")
+
+
+@bench_app.command("accuracy")
+def bench_accuracy_command(
+    solvers: str = typer.Option("ddim,euler,heun,dpmpp_2m", help="Comma-separated solver names, or 'all'."),
+    schedules: str = typer.Option("time_uniform,logsnr,karras", help="Comma-separated grid names."),
+    nfes: str = typer.Option("5,6,8,10,15,20", help="Comma-separated NFE budgets."),
+    problems: str = typer.Option("ring2d,mixture16d", help="Comma-separated problems."),
+    process: str = typer.Option("discrete_vp", help="discrete_vp, vp, ve, edm or rectified_flow."),
+    samples: int = typer.Option(256),
+    out: Path = typer.Option(Path("out/bench"), help="Folder for the markdown table and the plot."),
+) -> None:
+    """Error against the exact ODE solution vs NFE for every solver and grid (markdown table + log-log plot)."""
+    from . import bench
+    from .sampling import solvers as all_solvers
+
+    names = [s for s in all_solvers() if not _is_stochastic(s)] if solvers == "all" else _csv(solvers)
+    proc = _process(process)
+    prediction = "velocity" if process == "rectified_flow" else "eps"
+    budget = [int(n) for n in _csv(nfes)]
+    rows = bench.accuracy(_csv(problems), proc, prediction, names, _csv(schedules), budget, samples=samples)
+    table = bench.accuracy_markdown(rows, budget)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "accuracy.md", table)
+    bench.accuracy_plot(rows, out / "accuracy.png")
+    console.print(table)
+    console.print(f"wrote {out / 'accuracy.md'} and {out / 'accuracy.png'}")
+
+
+@bench_app.command("overhead")
+def bench_overhead_command(
+    solvers: str = typer.Option("ddim,dpmpp_2m", help="Comma-separated solver names."),
+    steps: int = typer.Option(50),
+    repeats: int = typer.Option(30),
+    batch: str = typer.Option("64,1,8,8", help="Batch shape."),
+    out: Path = typer.Option(Path("out/bench"), help="Folder for the markdown table."),
+) -> None:
+    """Per-step solver overhead with a zero-cost model, and the ratio to diffusers' DPMSolverMultistepScheduler."""
+    from . import bench
+
+    result = bench.overhead(_csv(solvers), batch_shape=tuple(int(b) for b in _csv(batch)), steps=steps, repeats=repeats)
+    table = bench.overhead_markdown(result)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "overhead.md", table)
+    console.print(table)
+
+
+def _is_stochastic(name: str) -> bool:
+    from .solvers import get_solver
+
+    return get_solver(name).stochastic
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+from .train.cli import bench_train_command, train_command  # noqa: E402
+
+app.command("train")(train_command)
+bench_app.command("train")(bench_train_command)
+
+from .evaluate import eval_command  # noqa: E402
+
+app.command("eval")(eval_command)
 
 
 def main() -> None:

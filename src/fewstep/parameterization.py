@@ -119,8 +119,9 @@ class Denoiser:
     Shapes and dtypes are checked on every call (host-side metadata, no device sync). Finiteness is checked
     without synchronising: each call records a device flag, and `raise_if_not_finite` looks at them once.
     A model that costs several network evaluations per call (classifier-free guidance batching conditional and
-    unconditional inputs) says so with an attribute `nfe_per_call`. `x0_fn`, when given, post-processes the data
-    prediction (thresholding, clipping) and the noise prediction is made consistent with it.
+    unconditional inputs) says so with an attribute `nfe_per_call`, read after every call (so a model whose cost
+    varies, as with a guidance interval, sets it to the cost of the call it just made). `x0_fn`, when given,
+    post-processes the data prediction (thresholding, clipping) and the noise prediction is made consistent with it.
     """
 
     def __init__(
@@ -150,15 +151,17 @@ class Denoiser:
             raise ModelError(f"the model returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)} at time t={t}")
         if out.dtype != x.dtype:
             raise ModelError(f"the model returned dtype {out.dtype} for x of dtype {x.dtype} at time t={t}")
-        self._finite_flags.append((self.nfe, self.step, t, torch.isfinite(out).all()))
+        # A float64 sum is NaN/Inf iff some entry is (short of 1e300-sized values): one cheap reduction, no sync.
+        self._finite_flags.append((self.nfe, self.step, t, out.sum(dtype=torch.float64)))
         return out
 
-    def __call__(self, x: torch.Tensor, t: float) -> Prediction:
-        """One network evaluation at scalar time t, converted to (x0, eps)."""
+    def __call__(self, x: torch.Tensor, t: float, c: Coefficients | None = None) -> Prediction:
+        """One network evaluation at scalar time t, converted to (x0, eps); `c`: precomputed coefficients at t."""
         out = self.raw(x, t)
-        c = self._coefficients.get(t)
         if c is None:
-            c = self._coefficients[t] = Coefficients.at(self.process, t)
+            c = self._coefficients.get(t)
+            if c is None:
+                c = self._coefficients[t] = Coefficients.at(self.process, t)
         x0, eps = to_x0_eps(out, self.prediction, x, c)
         if self.x0_fn is not None:
             x0 = self.x0_fn(x0)
@@ -169,7 +172,7 @@ class Denoiser:
         """One device sync: raise ModelError naming the first evaluation whose output had NaN or Inf."""
         if not self._finite_flags:
             return
-        flags = torch.stack([f[-1] for f in self._finite_flags])
+        flags = torch.isfinite(torch.stack([f[-1] for f in self._finite_flags]))
         if bool(flags.all()):
             return
         first = int((~flags).nonzero()[0, 0])

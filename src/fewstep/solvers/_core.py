@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..parameterization import Denoiser, Prediction
+from ..parameterization import Coefficients, Denoiser, Prediction
 from ..processes import Process
 
 SolverFn = Callable[..., torch.Tensor]
@@ -96,6 +96,7 @@ class Run:
         self.log_snr: list[float] = process.log_snr(ts).tolist()
         self.dalpha: list[float] = process.dalpha_dt(ts).tolist()
         self.dsigma: list[float] = process.dsigma_dt(ts).tolist()
+        self._coefficients = [Coefficients(*c) for c in zip(self.alpha, self.sigma, self.dalpha, self.dsigma, strict=True)]
         self.lower_order_final = lower_order_final
         self.generator = generator
         self.callback = callback
@@ -103,7 +104,7 @@ class Run:
 
     def denoise(self, x: torch.Tensor, i: int) -> Prediction:
         """Network evaluation at grid point i."""
-        return self.denoiser(x, self.t[i])
+        return self.denoiser(x, self.t[i], self._coefficients[i])
 
     def denoise_at(self, x: torch.Tensor, t: float) -> Prediction:
         """Network evaluation at an off-grid time t (singlestep / Runge-Kutta stages)."""
