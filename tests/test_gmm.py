@@ -93,3 +93,14 @@ def test_named_problems_and_errors():
     with pytest.raises(ValueError, match="means"):
         fewstep.GaussianMixture([1.0], [0.0, 1.0], [1.0])
     assert math.isclose(float(fewstep.ring2d().weights.sum()), 1.0)
+
+
+def test_flow_map_matches_single_gaussian_to_data():
+    g = single()
+    process = fewstep.DiscreteVP.linear()
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    # At sigma = 0 (alpha = 1): x = mu + s * z with z the standardised start.
+    a0, s0 = process.alpha(1.0), process.sigma(1.0)
+    z = (s0 * noise - a0 * g.means[0]) / torch.sqrt(a0**2 * g.stds[0] ** 2 + s0**2)
+    exact = g.means[0] + z * g.stds[0]
+    assert (g.flow_map(noise, process) - exact).abs().max() < 1e-8

@@ -2,9 +2,9 @@ import itertools
 
 import pytest
 import torch
+from conftest import all_processes
 
 import fewstep
-from conftest import all_processes
 from fewstep.parameterization import PREDICTIONS, convert
 
 PROCESSES = all_processes()

@@ -37,8 +37,15 @@ def run_fewstep(solver, timesteps):
     grid = PROCESS.time_from_timestep(torch.tensor(timesteps, dtype=torch.float64))
     # diffusers starts from x = noise; fewstep from x = sigma(t_start) * noise.
     noise = NOISE / PROCESS.sigma(grid[0])
-    return fewstep.sample(MIXTURE.model(PROCESS, "eps"), noise, process=PROCESS, solver=solver, schedule=grid,
-                          steps=len(timesteps) - 1, denoise_to_zero=True)
+    return fewstep.sample(
+        MIXTURE.model(PROCESS, "eps"),
+        noise,
+        process=PROCESS,
+        solver=solver,
+        schedule=grid,
+        steps=len(timesteps) - 1,
+        denoise_to_zero=True,
+    )
 
 
 def common_config():
@@ -56,8 +63,9 @@ def test_ddim_matches_diffusers(steps):
 
 @pytest.mark.parametrize("steps", [5, 10, 20])
 def test_dpmpp_2m_matches_diffusers(steps):
-    sched = diffusers.DPMSolverMultistepScheduler(**common_config(), solver_order=2, algorithm_type="dpmsolver++",
-                                                  final_sigmas_type="zero")
+    sched = diffusers.DPMSolverMultistepScheduler(
+        **common_config(), solver_order=2, algorithm_type="dpmsolver++", final_sigmas_type="zero"
+    )
     expected, timesteps = run_diffusers(sched, steps)
     got = run_fewstep("dpmpp_2m", timesteps)
     assert got.nfe == steps

@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+from conftest import all_processes
 
 import fewstep
-from conftest import all_processes
 
 PROCESSES = all_processes()
 IDS = [repr(p) for p in PROCESSES]

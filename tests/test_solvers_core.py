@@ -7,9 +7,7 @@ import fewstep
 from fewstep.accuracy import empirical_order, solver_error
 
 # A smooth mixture (stds >= 0.2) so that the asymptotic regime starts at modest step counts.
-MIXTURE = fewstep.GaussianMixture(
-    [1, 2, 1], [[-0.8, 0.2], [0.3, 0.5], [0.6, -0.7]], [[0.3, 0.4], [0.25, 0.3], [0.4, 0.2]]
-)
+MIXTURE = fewstep.GaussianMixture([1, 2, 1], [[-0.8, 0.2], [0.3, 0.5], [0.6, -0.7]], [[0.3, 0.4], [0.25, 0.3], [0.4, 0.2]])
 NOISE = torch.randn(32, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 STEPS = (16, 32, 64)
 ORDERS = {"ddim": 1, "euler": 1, "heun": 2, "dpmpp_2m": 2}
@@ -43,7 +41,17 @@ def reference(case):
 def test_convergence_order(solver, case):
     process, prediction, schedule, t_end = CASES[case]
     errors = [
-        solver_error(MIXTURE, process, NOISE, reference(case), prediction=prediction, solver=solver, steps=n, schedule=schedule, t_end=t_end)[0]
+        solver_error(
+            MIXTURE,
+            process,
+            NOISE,
+            reference(case),
+            prediction=prediction,
+            solver=solver,
+            steps=n,
+            schedule=schedule,
+            t_end=t_end,
+        )[0]
         for n in STEPS
     ]
     order = empirical_order(STEPS, errors)
@@ -76,11 +84,29 @@ def test_exponential_integrators_are_exact_for_constant_data_prediction(process)
     t_end = 0.05 * process.t_max
     exact = g.single_gaussian_flow(NOISE, process, process.t_max, t_end)
     for solver in ("ddim", "dpmpp_2m"):
-        x = fewstep.sample(g.model(process, "x0"), NOISE, process=process, prediction="x0", solver=solver, steps=3,
-                           schedule="time_uniform", t_end=t_end, denoise_to_zero=False)
+        x = fewstep.sample(
+            g.model(process, "x0"),
+            NOISE,
+            process=process,
+            prediction="x0",
+            solver=solver,
+            steps=3,
+            schedule="time_uniform",
+            t_end=t_end,
+            denoise_to_zero=False,
+        )
         assert torch.allclose(x, exact, atol=1e-10), solver
-    x = fewstep.sample(g.model(process, "x0"), NOISE, process=process, prediction="x0", solver="euler", steps=3,
-                       schedule="time_uniform", t_end=t_end, denoise_to_zero=False)
+    x = fewstep.sample(
+        g.model(process, "x0"),
+        NOISE,
+        process=process,
+        prediction="x0",
+        solver="euler",
+        steps=3,
+        schedule="time_uniform",
+        t_end=t_end,
+        denoise_to_zero=False,
+    )
     assert not torch.allclose(x, exact, atol=1e-3) or isinstance(process, (fewstep.EDM, fewstep.RectifiedFlow))
 
 
@@ -107,8 +133,15 @@ def test_lower_order_final_makes_last_multistep_step_first_order():
     process = fewstep.EDM()
     model = MIXTURE.model(process, "eps")
     states = []
-    x = fewstep.sample(model, NOISE, process=process, solver="dpmpp_2m", steps=6, denoise_to_zero=False,
-                       callback=lambda info: states.append(info))
+    x = fewstep.sample(
+        model,
+        NOISE,
+        process=process,
+        solver="dpmpp_2m",
+        steps=6,
+        denoise_to_zero=False,
+        callback=lambda info: states.append(info),
+    )
     grid = fewstep.time_grid(process, 6, process.t_max, process.t_min)
     before = states[-2]["x"]
     pred = fewstep.Denoiser(model, process, "eps")(before, float(grid[-2]))

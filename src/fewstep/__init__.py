@@ -1,10 +1,15 @@
 """fewstep: few-step diffusion sampling, training and distillation on one exact core."""
 
+from .budget import nfe_for_steps, steps_for_nfe
 from .gmm import GaussianMixture, mixture_nd, problem, ring2d
-from .grids import SCHEDULES, time_grid
+from .grids import SCHEDULES, Schedule, time_grid
+from .guidance import DynamicThresholding, StaticClipping, cfg
 from .parameterization import PREDICTIONS, Denoiser, ModelError, Prediction, convert
 from .processes import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow
 from .sampling import sample, solvers
+from .schedule_search import SearchedSchedule, optimize_schedule
+from .solvers.dc_solver import dc_calibrate
+from .solvers.dpmv3 import ModelStatistics, v3_statistics
 
 __version__ = "0.1.0"
 
@@ -16,16 +21,27 @@ __all__ = [
     "VP",
     "Denoiser",
     "DiscreteVP",
+    "DynamicThresholding",
     "GaussianMixture",
     "ModelError",
+    "ModelStatistics",
     "Prediction",
     "Process",
     "RectifiedFlow",
+    "Schedule",
+    "SearchedSchedule",
+    "StaticClipping",
+    "cfg",
     "convert",
+    "dc_calibrate",
     "mixture_nd",
+    "nfe_for_steps",
+    "optimize_schedule",
     "problem",
     "ring2d",
     "sample",
     "solvers",
+    "steps_for_nfe",
     "time_grid",
+    "v3_statistics",
 ]

@@ -62,9 +62,13 @@ def gmm_demo(
     table = Table("solver", *(f"NFE {n}" for n in nfes), title="ring2d, DiscreteVP(linear), RMS error vs exact ODE solution")
     lines = ["| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
     panels: dict[str, torch.Tensor] = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(nfes) * len(solvers), desc="demo (exact mixture)", leave=False)
     for nfe in nfes:
         panels[f"exact data (NFE {nfe} row)"] = exact
         for solver in solvers:
+            bar.update(1)
             try:
                 steps, denoise = plan_for_nfe(solver, nfe, process)
             except ValueError:
@@ -72,6 +76,7 @@ def gmm_demo(
                 continue
             x = sample(model, noise, process=process, solver=solver, steps=steps, denoise_to_zero=denoise)
             panels[f"{solver}, NFE {nfe}\nerr {rms_error(x, reference):.3f}"] = x
+    bar.close()
     for solver in solvers:
         cells = []
         for nfe in nfes:

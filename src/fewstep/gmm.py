@@ -129,26 +129,38 @@ class GaussianMixture:
         """
         t_start = process.t_max if t_start is None else float(t_start)
         t_end = process.t_min if t_end is None else float(t_end)
-        a0, s0 = float(process.alpha(t_start)), float(process.sigma(t_start))
         a1, s1 = float(process.alpha(t_end)), float(process.sigma(t_end))
-        phi0, phi1 = math.atan2(s0, a0), math.atan2(s1, a1)
-        shape = noise.shape
-        x_hat = (s0 * noise.reshape(shape[0], -1).to(torch.float64) / math.hypot(a0, s0)).numpy().ravel()
+        x = self._flow(noise, process, t_start, math.atan2(s1, a1), rtol, atol) * math.hypot(a1, s1)
+        if denoise_to_zero and s1 > 0:
+            x = self.posterior_mean(x, a1, s1)[0]
+        return x.reshape(noise.shape)
+
+    def flow_map(
+        self, noise: torch.Tensor, process: Process, t_start: float | None = None, *, rtol: float = 1e-11, atol: float = 1e-11
+    ) -> torch.Tensor:
+        """The probability-flow ODE from x = sigma(t_start) noise all the way to sigma = 0: the exact noise-to-data
+        map that every sampler approximates, whatever its last time. noise: [B, D]; returns float64 [B, D]."""
+        t_start = process.t_max if t_start is None else float(t_start)
+        return self._flow(noise, process, t_start, 0.0, rtol, atol).reshape(noise.shape)
+
+    def _flow(self, noise: torch.Tensor, process: Process, t_start: float, phi_end: float, rtol: float, atol: float):
+        """x_hat = x / sqrt(alpha^2 + sigma^2) at the angle phi_end, from x = sigma(t_start) noise ([B, D], float64)."""
+        a0, s0 = float(process.alpha(t_start)), float(process.sigma(t_start))
+        phi0 = math.atan2(s0, a0)
+        batch = noise.shape[0]
+        x_hat = (s0 * noise.reshape(batch, -1).to(torch.float64) / math.hypot(a0, s0)).numpy().ravel()
 
         def rhs(phi: float, y: np.ndarray) -> np.ndarray:
-            x = torch.from_numpy(y).reshape(shape[0], self.dim)
+            x = torch.from_numpy(y).reshape(batch, self.dim)
             x0, eps = self.posterior_mean(x, math.cos(phi), math.sin(phi))
             return (-math.sin(phi) * x0 + math.cos(phi) * eps).numpy().ravel()
 
-        if phi0 != phi1:
-            sol = solve_ivp(rhs, (phi0, phi1), x_hat, method="DOP853", rtol=rtol, atol=atol)
+        if phi0 != phi_end:
+            sol = solve_ivp(rhs, (phi0, phi_end), x_hat, method="DOP853", rtol=rtol, atol=atol)
             if not sol.success:
                 raise RuntimeError(f"reference ODE solve failed: {sol.message}")
             x_hat = sol.y[:, -1]
-        x = torch.from_numpy(x_hat).reshape(shape[0], self.dim) * math.hypot(a1, s1)
-        if denoise_to_zero and s1 > 0:
-            x = self.posterior_mean(x, a1, s1)[0]
-        return x.reshape(shape)
+        return torch.from_numpy(x_hat).reshape(batch, self.dim)
 
     def single_gaussian_flow(self, noise: torch.Tensor, process: Process, t_start: float, t_end: float) -> torch.Tensor:
         """Closed-form probability-flow ODE solution for a single-component mixture (K = 1).

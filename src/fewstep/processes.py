@@ -196,7 +196,9 @@ class DiscreteVP(_VPBase):
         return (index + 1) / self.num_timesteps
 
     def __repr__(self) -> str:
-        return f"DiscreteVP(N={self.num_timesteps})"
+        # Name the betas so that processes with the same N but other betas never compare equal by repr.
+        b = self.betas
+        return f"DiscreteVP(N={self.num_timesteps}, betas={float(b[0]):.6g}..{float(b[-1]):.6g}, sum={float(b.sum()):.10g})"
 
 
 class VP(_VPBase):

@@ -61,7 +61,7 @@ def sample(
         raise TypeError(f"process must be a fewstep Process (e.g. fewstep.EDM()), got {type(process).__name__}")
     check_prediction(prediction)
     if x0_fn is not None and not callable(x0_fn):
-        raise TypeError(f"x0_fn must be None or a callable x0 -> x0 (e.g. fewstep.guidance.static_clip()), got {type(x0_fn).__name__}")
+        raise TypeError(f"x0_fn must be None or a callable x0 -> x0 (e.g. fewstep.StaticClipping()), got {type(x0_fn).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got steps={steps!r}")
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.ndim < 1:

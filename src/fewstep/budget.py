@@ -1,0 +1,100 @@
+"""NFE budgets: how many network evaluations a solver run costs, and how many steps fit a given NFE.
+
+Solvers differ in cost per step (Heun: 2, one on a step that ends at sigma = 0; multistep solvers: 1) and the
+final data prediction (`denoise_to_zero`) adds 1 where sigma(t_end) > 0, so comparisons "at equal NFE" (Lu et al.,
+2022, "DPM-Solver", section 5; Karras et al., 2022, "EDM", section 3) need the map NFE -> steps. The cost is
+measured by a dry run of `fewstep.sample` on a zero model of a one-sample batch (exact for every registered
+solver, including ones added later, without a per-solver table). For an adaptive step-size solver the count
+depends on the model, so the dry run's number says nothing about it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from .processes import Process
+from .sampling import sample
+from .solvers import get_solver
+
+
+def _zero_v_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    # v = 0 converts to finite (x0, eps) at every time, also where alpha = 0 or sigma = 0.
+    return torch.zeros_like(x)
+
+
+def nfe_for_steps(
+    solver: str,
+    steps: int,
+    process: Process,
+    *,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    denoise_to_zero: bool = True,
+    **solver_options: Any,
+) -> int:
+    """Network evaluations of `fewstep.sample(solver=solver, steps=steps, ...)` on `process` (model cost 1 per call)."""
+    key = (solver, steps, process, t_start, t_end, denoise_to_zero, tuple(sorted(solver_options.items())))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable option value: measure without the cache
+        return _dry_run_nfe(*key)
+    return _cached_nfe(*key)
+
+
+def _dry_run_nfe(solver, steps, process, t_start, t_end, denoise_to_zero, options) -> int:
+    noise = torch.zeros(1, 1, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    x = sample(
+        _zero_v_model,
+        noise,
+        process=process,
+        prediction="v",
+        solver=solver,
+        steps=steps,
+        schedule="time_uniform",
+        t_start=t_start,
+        t_end=t_end,
+        denoise_to_zero=denoise_to_zero,
+        generator=generator,
+        **dict(options),
+    )
+    return int(x.nfe)
+
+
+_cached_nfe = lru_cache(maxsize=1024)(_dry_run_nfe)
+
+
+def steps_for_nfe(
+    solver: str,
+    nfe: int,
+    process: Process,
+    *,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    denoise_to_zero: bool = True,
+    **solver_options: Any,
+) -> int:
+    """The number of steps at which `solver` uses exactly `nfe` network evaluations on `process`.
+
+    Raises ValueError naming the reachable NFE values when no step count costs exactly `nfe` (Heun with a final
+    denoising evaluation, for example, only reaches odd NFE).
+    """
+    get_solver(solver).check_options(solver_options)
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got nfe={nfe!r}")
+    kwargs = dict(t_start=t_start, t_end=t_end, denoise_to_zero=denoise_to_zero, **solver_options)
+    reachable = []
+    for steps in range(1, nfe + 1):  # every step costs at least one evaluation
+        cost = nfe_for_steps(solver, steps, process, **kwargs)
+        if cost == nfe:
+            return steps
+        if cost > nfe:
+            break
+        reachable.append(cost)
+    raise ValueError(
+        f"nfe={nfe} is not reachable with solver={solver!r} on {process!r} (denoise_to_zero={denoise_to_zero}); "
+        f"reachable values up to it: {', '.join(map(str, reachable)) or 'none'}"
+    )

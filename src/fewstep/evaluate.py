@@ -1,0 +1,226 @@
+"""Sample quality of a digits model over a solver x NFE grid, and the `fewstep eval` command.
+
+Fréchet distance in the features of the digits classifier (the FID recipe of Heusel et al., NeurIPS 2017, with
+`fewstep.classifier` in place of Inception), classifier confidence and class-histogram entropy (and accuracy for
+class-labelled samples), and k-NN precision/recall (Kynkaanniemi et al., NeurIPS 2019). Every (solver, NFE) cell
+starts from the same noise, so the cells differ only by the solver. Samples: [n, 1, 8, 8] in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from .budget import nfe_for_steps
+from .classifier import class_statistics, features_and_logits
+from .data import digits
+from .metrics import frechet_distance, precision_recall
+from .parameterization import Model
+from .processes import Process
+from .sampling import sample
+from .shipped import SHIPPED_MODELS, load_model
+from .solvers import get_solver
+
+DIGIT_SHAPE = (1, 8, 8)
+CHECKPOINT_HELP = f"a `fewstep train` checkpoint (.json) or a shipped model: {', '.join(SHIPPED_MODELS)}"
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One cell of the grid: the solver, its NFE budget, the steps and NFE actually used, and the metrics."""
+
+    solver: str
+    nfe_budget: int
+    steps: int
+    nfe: int
+    fd: float
+    confidence: float
+    class_entropy: float
+    precision: float
+    recall: float
+    seconds: float
+
+
+def steps_within_nfe(solver: str, nfe: int, process: Process, **kwargs) -> int:
+    """The most steps whose run costs at most `nfe` evaluations (`fewstep.budget.nfe_for_steps`); kwargs: t_start,
+    t_end, denoise_to_zero, solver options. Raises ValueError when even one step costs more."""
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got nfe={nfe!r}")
+    best = 0
+    for steps in range(1, nfe + 1):  # every step costs at least one evaluation
+        if nfe_for_steps(solver, steps, process, **kwargs) > nfe:
+            break
+        best = steps
+    if best == 0:
+        raise ValueError(f"nfe={nfe} is below the cost of one step of solver={solver!r} on {process!r}")
+    return best
+
+
+@lru_cache(maxsize=1)
+def reference_features() -> torch.Tensor:
+    """Classifier features [1797, 64] of all scikit-learn digits, the digits models' training set (FD reference)."""
+    return features_and_logits(digits())[0]
+
+
+def sample_metrics(samples: torch.Tensor, reference: torch.Tensor | None = None, k: int = 3) -> dict[str, float]:
+    """FD, confidence, class entropy, precision and recall of digit samples [n, 1, 8, 8] (clamped to [-1, 1])."""
+    reference = reference_features() if reference is None else reference
+    feats, logits = features_and_logits(samples.clamp(-1, 1))
+    precision, recall = precision_recall(reference, feats, k=k)
+    return {"fd": frechet_distance(reference, feats), **class_statistics(logits), "precision": precision, "recall": recall}
+
+
+def plan_grid(solvers: Sequence[str], nfes: Sequence[int], process: Process) -> list[tuple[str, int, int]]:
+    """(solver, NFE budget, steps) for every cell of the grid; raises ValueError for unknown solvers or budgets."""
+    for solver in solvers:
+        get_solver(solver)
+    return [(solver, budget, steps_within_nfe(solver, budget, process)) for solver in solvers for budget in nfes]
+
+
+def evaluate_digits(
+    model: Model,
+    *,
+    process: Process,
+    prediction: str,
+    solvers: Sequence[str],
+    nfes: Sequence[int],
+    n: int = 1000,
+    seed: int = 0,
+    batch: int = 1000,
+    schedule=None,
+    on_cell: Callable[[EvalRow, torch.Tensor], None] | None = None,
+) -> list[EvalRow]:
+    """Sample n digits per (solver, NFE budget) from the same noise and measure them; one EvalRow per cell.
+
+    on_cell(row, samples) is called after each cell with its samples [n, 1, 8, 8].
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 10:
+        raise ValueError(f"n must be an integer >= 10, got n={n!r}")
+    cells = plan_grid(solvers, nfes, process)  # checks every solver and budget before any sampling
+    noise = torch.randn(n, *DIGIT_SHAPE, generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for solver, budget, steps in cells:
+        start = time.perf_counter()
+        parts, used = [], 0
+        for i, chunk in enumerate(noise.split(batch)):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # stochastic solvers: reproducible noise
+            x = sample(model, chunk, process=process, prediction=prediction, solver=solver, steps=steps,
+                       schedule=schedule, generator=gen)  # fmt: skip
+            parts.append(x)
+            used = x.nfe
+        seconds = time.perf_counter() - start
+        samples = torch.cat(parts)
+        row = EvalRow(solver, budget, steps, used, seconds=seconds, **sample_metrics(samples))
+        rows.append(row)
+        if on_cell is not None:
+            on_cell(row, samples)
+    return rows
+
+
+COLUMNS = ("solver", "NFE", "steps", "FD", "confidence", "class entropy", "precision", "recall", "seconds")
+
+
+def _cells(row: EvalRow) -> list[str]:
+    nfe = str(row.nfe) if row.nfe == row.nfe_budget else f"{row.nfe} (of {row.nfe_budget})"
+    return [row.solver, nfe, str(row.steps), f"{row.fd:.2f}", f"{row.confidence:.3f}", f"{row.class_entropy:.3f}",
+            f"{row.precision:.3f}", f"{row.recall:.3f}", f"{row.seconds:.1f}"]  # fmt: skip
+
+
+def markdown_table(rows: Sequence[EvalRow]) -> str:
+    """The rows as a markdown table (FD: Fréchet distance in digits-classifier features; lower is better)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def fd_table(rows: Sequence[EvalRow]) -> str:
+    """FD as a markdown table with one row per solver and one column per NFE budget."""
+    nfes = sorted({r.nfe_budget for r in rows})
+    solvers = list(dict.fromkeys(r.solver for r in rows))
+    fd = {(r.solver, r.nfe_budget): r for r in rows}
+    lines = ["| solver | " + " | ".join(f"NFE {b}" for b in nfes) + " |", "|---|" + "---|" * len(nfes)]
+    for s in solvers:
+        cells = [
+            (f"{fd[s, b].fd:.2f}" + ("" if fd[s, b].nfe == b else f" ({fd[s, b].nfe})")) if (s, b) in fd else "-" for b in nfes
+        ]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_fd(rows: Sequence[EvalRow], path: Path, title: str = "") -> None:
+    """FD against the NFE actually used, one line per solver, log-log axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    for solver in dict.fromkeys(r.solver for r in rows):
+        pts = sorted((r.nfe, r.fd) for r in rows if r.solver == solver)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=solver)
+    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="FD (digits classifier features)", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _parse_list(text: str, name: str, cast=str) -> list:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise ValueError(f"{name} must be a comma-separated list, got {text!r}")
+    try:
+        return [cast(s) for s in items]
+    except ValueError as err:
+        raise ValueError(f"{name} must be a comma-separated list of {cast.__name__}, got {text!r}") from err
+
+
+def eval_command(
+    checkpoint: Annotated[str, typer.Argument(help=CHECKPOINT_HELP)],
+    solvers: Annotated[str, typer.Option(help="comma-separated solver names (see `fewstep solvers`)")] = "ddim,dpmpp_2m,heun",
+    nfe: Annotated[str, typer.Option(help="comma-separated NFE budgets")] = "5,10,20,50",
+    n: Annotated[int, typer.Option(help="samples per cell")] = 1000,
+    seed: Annotated[int, typer.Option(help="seed of the shared starting noise")] = 0,
+    schedule: Annotated[str | None, typer.Option(help="time grid (default: the process's own)")] = None,
+    out: Annotated[Path, typer.Option(help="folder for eval.md, eval.json and fd_vs_nfe.png")] = Path("eval-out"),
+) -> None:
+    """Sample digits with each solver at each NFE budget and report FD, confidence, precision and recall."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    try:
+        solver_list = _parse_list(solvers, "solvers")
+        nfe_list = _parse_list(nfe, "nfe", int)
+        loaded = load_model(checkpoint)
+        plan_grid(solver_list, nfe_list, loaded.process)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    console = Console()
+    table = Table(*COLUMNS, title=f"{checkpoint} ({loaded.prediction} on {loaded.process!r}), n={n}")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("eval", total=len(solver_list) * len(nfe_list))
+
+        def advance(row: EvalRow, samples: torch.Tensor) -> None:
+            table.add_row(*_cells(row))
+            progress.update(task, advance=1, description=f"{row.solver} NFE {row.nfe}: FD {row.fd:.2f}")
+
+        rows = evaluate_digits(loaded.model, process=loaded.process, prediction=loaded.prediction, solvers=solver_list,
+                               nfes=nfe_list, n=n, seed=seed, schedule=schedule, on_cell=advance)  # fmt: skip
+    console.print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    header = f"# fewstep eval: {checkpoint}\n\n{loaded.prediction} model on {loaded.process!r}; n={n}, seed={seed}.\n\n"
+    (out / "eval.md").write_text(header + markdown_table(rows) + "\nFD by NFE budget:\n\n" + fd_table(rows))
+    (out / "eval.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    plot_fd(rows, out / "fd_vs_nfe.png", title=str(Path(checkpoint).stem))
+    console.print(f"wrote {out / 'eval.md'}, {out / 'eval.json'}, {out / 'fd_vs_nfe.png'}")

@@ -1,0 +1,64 @@
+"""The models shipped with fewstep (package data in `fewstep/assets/`): names, loading, and the export that made them.
+
+- "digits_vp":   DDPM-style eps model on the 8x8 digits, DiscreteVP linear (Ho et al., 2020), configs/digits_vp.toml;
+- "digits_flow": rectified-flow velocity model on the digits (Liu et al., 2023; Lipman et al., 2023),
+                 configs/digits_flow.toml.
+Each is a `fewstep train` checkpoint reduced to its EMA weights: `<name>.json` + `<name>-<step>.safetensors`.
+Made with `python -m fewstep.shipped export out/train/<name>/checkpoint.json <name> --train-seconds S`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import resources
+from pathlib import Path
+
+SHIPPED_MODELS = ("digits_vp", "digits_flow")
+ASSETS = Path(__file__).parent / "assets"
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A checkpoint path as given, or the JSON sidecar of a shipped model given by name (see `SHIPPED_MODELS`)."""
+    if str(name_or_path) in SHIPPED_MODELS:
+        return Path(str(resources.files("fewstep.assets") / f"{name_or_path}.json"))
+    path = Path(name_or_path)
+    if not path.exists():
+        raise ValueError(f"checkpoint {str(name_or_path)!r} is neither a file nor a shipped model ({', '.join(SHIPPED_MODELS)})")
+    return path
+
+
+def load_model(name_or_path: str | Path):
+    """`fewstep.train.load_checkpoint` of a shipped model name or a checkpoint path (EMA weights, eval mode)."""
+    from .train import load_checkpoint
+
+    return load_checkpoint(resolve_model(name_or_path))
+
+
+def export(checkpoint: str | Path, name: str, out_dir: Path = ASSETS, train_seconds: float | None = None) -> Path:
+    """Write the EMA weights and config of a training checkpoint as `<out_dir>/<name>.json` + weights (no optimizer
+    state, no loss history); returns the JSON path."""
+    from .train.checkpoint import save_checkpoint
+
+    loaded = load_model(checkpoint)
+    extra = {"source": str(checkpoint), "train_steps": loaded.step}
+    if train_seconds is not None:
+        extra["train_seconds"] = float(train_seconds)
+    return save_checkpoint(Path(out_dir) / name, model=loaded.model, config=loaded.config, step=loaded.step, extra=extra)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fewstep.shipped", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("export", help="reduce a training checkpoint to a shipped model")
+    cmd.add_argument("checkpoint", type=Path)
+    cmd.add_argument("name")
+    cmd.add_argument("--out-dir", type=Path, default=ASSETS)
+    cmd.add_argument("--train-seconds", type=float, default=None)
+    args = parser.parse_args(argv)
+    path = export(args.checkpoint, args.name, args.out_dir, args.train_seconds)
+    print(json.dumps({"json": str(path), "weights": json.loads(path.read_text())["weights"]}))
+
+
+if __name__ == "__main__":
+    main()

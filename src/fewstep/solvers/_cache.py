@@ -1,0 +1,58 @@
+"""Calibration caches on disk: stable keys, atomic writes (temporary file + os.replace), corruption detection."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CacheError(ValueError):
+    """A cache file exists but cannot be used (unreadable, truncated, wrong key or contents)."""
+
+
+def digest(key: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-serialisable key."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tensor_digest(t: torch.Tensor) -> list:
+    """[shape, dtype, sha256 of the bytes] of a tensor: identifies calibration data in a cache key."""
+    raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return [list(t.shape), str(t.dtype), hashlib.sha256(raw).hexdigest()]
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to `path` so that readers see the old file or the whole new one, never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, sort_keys=True, indent=1).encode())
+
+
+def read_json(path: str | os.PathLike, key: dict[str, Any]) -> dict[str, Any]:
+    """Read a JSON cache record {"key": key, ...}; CacheError if it is not valid JSON or its key differs."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CacheError(f"cache file {path} is corrupted ({err}); delete it to recompute") from err
+    if not isinstance(record, dict) or record.get("key") != json.loads(json.dumps(key)):
+        raise CacheError(f"cache file {path} does not hold the expected record (key mismatch); delete it to recompute")
+    return record

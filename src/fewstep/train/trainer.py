@@ -1,0 +1,236 @@
+"""The training loop: data, noise and time sampling, weighted denoising loss, AdamW, EMA, checkpoints, figures.
+
+One step: draw the global batch of data (resumable sampler), times and noise from dedicated torch generators
+(optionally re-paired by immiscible assignment; Li et al., 2024), take this process's slice, compute the weighted
+loss of `fewstep.train.losses` (under bf16 autocast if asked), back-propagate (DistributedDataParallel averages
+gradients across processes), clip, step AdamW (Loshchilov & Hutter, 2019) and update the EMA. Because every rank
+draws the same global batch, N processes reproduce the 1-process run. Checkpoints hold every RNG state and the
+sampler position, so `resume` continues a run exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data import BatchSampler, load_dataset
+from ..nets import DiffusionModel, build_model
+from ..sampling import sample
+from .checkpoint import (
+    CheckpointError,
+    capture_rng,
+    check_process,
+    load_state,
+    read_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    section,
+    sidecar_path,
+    unflatten_optimizer,
+)
+from .config import TrainConfig
+from .distributed import DistContext
+from .ema import EMA
+from .immiscible import immiscible_assign, knn_noise
+from .losses import diffusion_loss
+from .plots import save_loss_curve, save_samples
+from .process_config import build_process
+from .timesteps import sample_time
+
+
+class Trainer:
+    """Train a `DiffusionModel` as `config` says; `data` overrides `config.data` with an in-memory tensor [N, ...]."""
+
+    def __init__(self, config: TrainConfig, *, data: torch.Tensor | None = None, dist: DistContext | None = None):
+        self.config = config
+        self.dist = dist or DistContext()
+        if config.threads:
+            torch.set_num_threads(int(config.threads))
+        self.device = torch.device(_device(config.device))
+        self.data = (load_dataset(config.data, **config.data_options) if data is None else data).float()
+        self.process = build_process(config.process)
+        model_config = config.model_config(tuple(self.data.shape[1:]))
+        self.full_config = {"model": model_config, "process": dict(config.process), "train": config.to_dict()}
+        torch.manual_seed(config.seed)
+        self.model: DiffusionModel = build_model(model_config, self.process).to(self.device)
+        self.ema = EMA(self.model, config.ema_decay, config.ema_warmup, config.ema_halflife, config.ema_rampup)
+        self.train_model = DistributedDataParallel(self.model) if self.dist.enabled else self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.data_generator = torch.Generator().manual_seed(config.seed + 1)
+        self.noise_generator = torch.Generator().manual_seed(config.seed + 2)
+        self.sampler = BatchSampler(self.data, config.batch_size, self.data_generator)
+        self.step = 0
+        self.loss_history: list[float] = []
+        self.out_dir = Path(config.out_dir)
+        self._check_options()
+
+    def _check_options(self) -> None:
+        c = self.config
+        if c.immiscible not in ("none", "assign", "knn"):
+            raise ValueError(f"immiscible={c.immiscible!r} is not known; allowed values: none, assign, knn")
+        self.dist.shard(c.batch_size)  # divisibility check
+
+    # One step --------------------------------------------------------------------------------------------------
+
+    def _global_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = self.config
+        x0 = self.sampler.next()
+        t = sample_time(len(x0), self.process, c.time_sampling, self.noise_generator, mean=c.time_mean, std=c.time_std)
+        if c.immiscible == "knn":
+            eps = knn_noise(x0, c.knn_k, self.noise_generator)
+        else:
+            eps = torch.randn(x0.shape, generator=self.noise_generator, dtype=x0.dtype)
+            if c.immiscible == "assign":
+                eps = eps[immiscible_assign(x0, eps)]
+        return x0, t, eps
+
+    def _lr(self) -> float:
+        warm = self.config.lr_warmup
+        return self.config.lr * (min(1.0, (self.step + 1) / warm) if warm > 0 else 1.0)
+
+    def train_step(self) -> float:
+        """One optimisation step on the global batch; returns its mean loss (averaged over processes)."""
+        c = self.config
+        x0, t, eps = self._global_batch()
+        part = self.dist.shard(len(x0))
+        x0, t, eps = x0[part].to(self.device), t[part].to(self.device), eps[part].to(self.device)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if c.bf16 else contextlib.nullcontext()
+        with autocast:
+            losses = diffusion_loss(
+                self.train_model,
+                x0,
+                t,
+                eps,
+                process=self.process,
+                prediction=c.prediction,
+                weighting=c.weighting,
+                gamma=c.min_snr_gamma,
+                sigma_data=c.sigma_data,
+            )
+        loss = losses.mean()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.ema.update(self.model)
+        self.step += 1
+        value = float(self.dist.mean(loss.detach()))
+        self.loss_history.append(value)
+        return value
+
+    # Loop ------------------------------------------------------------------------------------------------------
+
+    def train(self, steps: int | None = None) -> list[float]:
+        """Train until `steps` (default config.steps) total steps; checkpoints, figures and a progress bar on rank 0."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        total = c.steps if steps is None else int(steps)
+        show = c.progress and self.dist.is_main
+        bar = tqdm(total=total, initial=self.step, disable=not show, dynamic_ncols=True, unit="it")
+        start, start_step = time.perf_counter(), self.step
+        while self.step < total:
+            loss = self.train_step()
+            bar.update(1)
+            if self.step % 10 == 0 or self.step == total:
+                bar.set_postfix(loss=f"{loss:.4g}")
+            if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < total:
+                self.save()
+            if c.sample_every and self.step % c.sample_every == 0 and self.step < total:
+                self.write_figures()
+        bar.close()
+        self.seconds = time.perf_counter() - start
+        self.iterations_per_second = (self.step - start_step) / self.seconds if self.seconds > 0 else math.nan
+        self.save()
+        self.write_figures()
+        return self.loss_history
+
+    # Output ----------------------------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoint.json"
+
+    def save(self, path: str | os.PathLike | None = None) -> Path | None:
+        """Write a checkpoint (rank 0 only) with the complete training state."""
+        if not self.dist.is_main:
+            return None
+        perm, pos = self.sampler.state()
+        return save_checkpoint(
+            path or self.checkpoint_path,
+            model=self.model,
+            config=self.full_config,
+            ema=self.ema.module,
+            optimizer=self.optimizer,
+            step=self.step,
+            rng=capture_rng({"data": self.data_generator, "noise": self.noise_generator}),
+            loss_history=self.loss_history,
+            tensors={"sampler_perm": perm},
+            extra={"sampler_pos": pos, "ema_updates": self.ema.updates, "world_size": self.dist.world_size},
+        )
+
+    def generate(self, n: int, seed: int = 0) -> torch.Tensor:
+        """n samples from the EMA model with the configured solver and steps."""
+        c = self.config
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn((n, *self.data.shape[1:]), generator=g).to(self.device)
+        return sample(
+            self.ema.module,
+            noise,
+            process=self.process,
+            prediction=self.model.prediction,
+            solver=c.sample_solver,
+            steps=c.sample_steps,
+        )
+
+    def write_figures(self) -> None:
+        """samples-<step>.png (EMA model) and loss.png in out_dir (rank 0 only)."""
+        if not self.dist.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        c = self.config
+        x = self.generate(c.sample_count)
+        title = f"step {self.step}, {c.sample_solver} {c.sample_steps} steps"
+        reference = self.data[:2000] if self.data.ndim == 2 else None
+        save_samples(x, self.out_dir / f"samples-{self.step:08d}.png", title, reference)
+        if self.loss_history:
+            save_loss_curve(self.loss_history, self.out_dir / "loss.png")
+
+    # Resume ----------------------------------------------------------------------------------------------------
+
+    def resume(self, path: str | os.PathLike | None = None) -> int:
+        """Restore the complete training state from a checkpoint (default out_dir/checkpoint.json); returns the step."""
+        path = sidecar_path(path or self.checkpoint_path)
+        meta, tensors = read_checkpoint(path)
+        saved = meta["config"]
+        if saved["model"] != self.full_config["model"]:
+            raise CheckpointError(
+                f"cannot resume from {path}: its model config {saved['model']} differs from {self.full_config['model']}"
+            )
+        check_process(self.process, saved, f"checkpoint {path}")
+        load_state(self.model, section(tensors, "model"), f"checkpoint {path}")
+        load_state(self.ema.module, section(tensors, "ema"), f"EMA in checkpoint {path}")
+        unflatten_optimizer(self.optimizer, tensors, meta["optimizer"])
+        restore_rng(meta["rng"], {"data": self.data_generator, "noise": self.noise_generator})
+        self.sampler.load_state(tensors["data.sampler_perm"], meta["extra"]["sampler_pos"])
+        self.ema.updates = meta["extra"]["ema_updates"]
+        self.step = meta["step"]
+        self.loss_history = list(meta["loss_history"])
+        return self.step
+
+
+def _device(name: str) -> str:
+    if name == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if name != "cpu":
+        raise ValueError(f"device={name!r} is not known; allowed values: cpu, cuda")
+    return name
