@@ -4,6 +4,7 @@ the shipped digits models and `fewstep eval`."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -245,4 +246,28 @@ def test_digits_demo_writes_grids_and_table(tmp_path):
     table = digits_demo(tmp_path, nfes=(5, 10), solvers=("dpmpp_2m",), n=200)
     assert "| dpmpp_2m |" in table and "NFE 5" in table and "NFE 10" in table
     for nfe in (5, 10):
-        assert (tmp_path / f"digits_digits_vp_dpmpp_2m_nfe{nfe}.png").stat().st_size > 500
+        assert (tmp_path / f"digits_vp_dpmpp_2m_nfe{nfe}.png").stat().st_size > 500
+
+
+def test_eval_command_rejects_unknown_solver_and_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from fewstep.cli import app
+
+    def error(*args: str) -> str:  # the message with rich's box and line wrapping removed
+        result = CliRunner().invoke(app, ["eval", *args, "--out", str(tmp_path)])
+        assert result.exit_code == 2
+        return " ".join(re.sub("[\u2500-\u257f]", " ", result.output).split())
+
+    assert "solver='nope' is not known" in error("digits_vp", "--solvers", "nope")
+    assert "neither a file nor a shipped model" in error("no_such_model")
+
+
+def test_tile_layout():
+    from fewstep.digits_demo import tile
+
+    x = torch.stack([torch.full((1, 2, 2), -1.0), torch.full((1, 2, 2), 1.0), torch.zeros(1, 2, 2)])
+    grid = tile(x, columns=2, gap=1, fill=0.5)
+    assert grid.shape == (2 * 3 + 1, 2 * 3 + 1)
+    assert (grid[1:3, 1:3] == 0).all() and (grid[1:3, 4:6] == 1).all() and (grid[4:6, 1:3] == 0.5).all()
+    assert grid[0, 0] == 0.5 and (grid[4:6, 4:6] == 0.5).all()  # border and the empty last cell

@@ -13,6 +13,7 @@ import torch
 import fewstep
 from fewstep.accuracy import empirical_order, solver_error
 from fewstep.noise import BrownianTreeNoise
+from fewstep.solvers import Run
 
 VP = fewstep.DiscreteVP.linear()
 RING = fewstep.ring2d()
@@ -248,6 +249,7 @@ STOCHASTIC = [
     ("ddim_eta", fewstep.VP("linear"), dict(steps=400, eta=0.5)),
     ("euler_ancestral", fewstep.EDM(), dict(steps=200)),
     ("edm_sde", fewstep.EDM(), dict(steps=100)),
+    ("edm_sde", VP, dict(steps=100)),
     ("euler_maruyama", fewstep.VP("linear"), dict(steps=500)),
     ("pc", fewstep.VE(), dict(steps=300)),
     ("pc", fewstep.RectifiedFlow(), dict(steps=300, predictor="ddpm")),
@@ -409,10 +411,27 @@ def test_brownian_tree_is_step_count_consistent_in_a_sampler():
             schedule="time_uniform",
         )
 
-    tree = BrownianTreeNoise(noise, process.t_min, process.t_max, seed=list(range(100)))
+    tree = BrownianTreeNoise.for_process(noise, process, seed=list(range(100)))
     same_path = (run(50, tree) - run(200, tree)).pow(2).mean().sqrt()  # measured 0.11
     other_noise = (run(50, torch.Generator().manual_seed(1)) - run(200, torch.Generator().manual_seed(2))).pow(2).mean().sqrt()
     assert same_path < 0.2 * other_noise, (float(same_path), float(other_noise))  # measured 1.02
+
+
+def test_noise_like_parts_split_the_step_of_a_noise_source():
+    """Run.noise_like(x, i, part, parts): sub-interval increments of the Brownian path (independent draws for a
+    predictor-corrector), which add up to the whole step's increment; generators just draw again."""
+    ts = torch.tensor([1.0, 0.6, 0.2], dtype=torch.float64)
+    x = torch.zeros(3000, 2, dtype=torch.float64)
+    tree = BrownianTreeNoise(x, 0.0, 1.0, seed=list(range(3000)))
+    run = Run(fewstep.Denoiser(RING.model(VP), VP), ts, generator=tree)
+    whole = run.noise_like(x, 1)
+    parts = [run.noise_like(x, 1, k, 3) for k in range(3)]
+    assert (sum(parts) / math.sqrt(3) - whole).abs().max() < 1e-12
+    assert abs(float((parts[0] * parts[2]).mean())) < 0.06 and abs(float(parts[1].var()) - 1) < 0.06
+    run = Run(fewstep.Denoiser(RING.model(VP), VP), ts, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(run.noise_like(x, 0, 0, 2), run.noise_like(x, 0, 1, 2))
+    with pytest.raises(ValueError, match="need 0 <= part < parts"):
+        run.noise_like(x, 0, 2, 2)
 
 
 # Errors ------------------------------------------------------------------------------------------------------------

@@ -47,10 +47,45 @@ def tiny_config(tmp_path: Path, **kw) -> TrainConfig:
 # Objectives -------------------------------------------------------------------------------------------------------
 
 
-def test_loss_decreases_on_toy_set(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, net={"type": "mlp", "dim": 2, "width": 64, "depth": 2}, batch_size=128, lr=3e-3))
-    history = [trainer.train_step() for _ in range(200)]
-    assert np.mean(history[-50:]) < 0.7 * np.mean(history[:10])
+OBJECTIVES = [
+    {"process": {"type": "discrete_vp", "schedule": "linear"}, "prediction": "eps"},
+    {"process": {"type": "rectified_flow"}, "prediction": "velocity", "weighting": "min_snr", "time_sampling": "logit_normal"},
+    {"process": {"type": "ve"}, "prediction": "x0", "precond": "edm", "weighting": "edm", "time_sampling": "edm"},
+    {
+        "process": {"type": "vp", "schedule": "cosine"},
+        "prediction": "v",
+        "weighting": "min_snr",
+        "time_sampling": "logsnr_uniform",
+    },  # noqa: E501
+]
+
+
+def _eval_loss(model, trainer: Trainer, seed: int = 5, n: int = 4096) -> float:
+    """The trainer's weighted loss on a fixed batch (float64)."""
+    from fewstep.train import diffusion_loss
+
+    g = torch.Generator().manual_seed(seed)
+    x0 = trainer.data[torch.randint(0, len(trainer.data), (n,), generator=g)].double()
+    t = sample_time(n, trainer.process, trainer.config.time_sampling, g)
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    c = trainer.config
+    with torch.no_grad():
+        losses = diffusion_loss(model, x0, t, eps, process=trainer.process, prediction=c.prediction, weighting=c.weighting)
+    return float(losses.mean())
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: f"{o['process']['type']}-{o['prediction']}")
+def test_training_closes_the_gap_to_the_ideal_loss(tmp_path, objective):
+    """The ring is an exact mixture, so its ideal model gives the least achievable loss of every objective."""
+    net = {"type": "mlp", "dim": 2, "width": 64, "depth": 2}
+    trainer = Trainer(tiny_config(tmp_path, net=net, batch_size=128, lr=3e-3, **objective))
+    ideal = _eval_loss(fewstep.ring2d().model(trainer.process, trainer.config.prediction), trainer)
+    before = _eval_loss(trainer.model.double(), trainer)
+    trainer.model.float()
+    for _ in range(200):
+        trainer.train_step()
+    after = _eval_loss(trainer.model.double(), trainer)
+    assert ideal < after < ideal + 0.6 * (before - ideal), (ideal, before, after)
 
 
 def test_min_snr_weights_match_their_formulas():
@@ -182,6 +217,7 @@ def test_diffusers_unet_trains_and_samples(tmp_path):
     loaded = load_checkpoint(tmp_path)
     out = fewstep.sample(loaded.model, torch.randn(3, 1, 8, 8), process=loaded.process, prediction=loaded.prediction, steps=2)
     assert out.shape == (3, 1, 8, 8) and list(loaded.model.net.unet.config.block_out_channels) == [16, 32]
+    assert (tmp_path / "samples-00000002.png").stat().st_size > 1000 and (tmp_path / "loss.png").stat().st_size > 1000
 
 
 # Checkpoints ------------------------------------------------------------------------------------------------------
@@ -191,10 +227,11 @@ def _params(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("immiscible", ["assign", "knn"])
+def test_resume_continues_exactly(tmp_path, immiscible):
     data = load_dataset("digits")[:40]  # epoch of 40 items, batch 16: the resume point falls inside an epoch
     net = {"type": "unet", "channels": [8, 16], "attention": [1], "dropout": 0.2}  # dropout uses torch's global RNG
-    kw = dict(net=net, batch_size=16, immiscible="assign", ema_decay=0.9, lr_warmup=3)
+    kw = dict(net=net, batch_size=16, immiscible=immiscible, ema_decay=0.9, lr_warmup=3)
     straight = Trainer(tiny_config(tmp_path / "a", **kw), data=data)
     for _ in range(8):
         straight.train_step()
@@ -354,22 +391,24 @@ def _distribution_error(x: torch.Tensor, mix: GaussianMixture, reference: torch.
     return gap, float((weights - mix.weights).abs().max())
 
 
-def test_trained_mlp_samples_match_the_data_distribution(tmp_path):
-    mix = GaussianMixture([1, 1, 1, 1], [[1, 1], [-1, 1], [1, -1], [-1, -1]], [0.25] * 4)
+def test_trained_mlp_samples_match_the_ring(tmp_path):
+    """3,000 steps of a rectified-flow MLP on the 8-mode ring; its samples against the exact density."""
+    mix = fewstep.ring2d()
     data = mix.sample(4000, torch.Generator().manual_seed(0), dtype=torch.float32)
-    config = tiny_config(tmp_path, net={"type": "mlp", "dim": 2, "width": 64, "depth": 2}, process={"type": "rectified_flow"},
-                         prediction="velocity", batch_size=256, lr=3e-3, ema_decay=0.99)  # fmt: skip
+    net = {"type": "mlp", "dim": 2, "width": 128, "depth": 2}
+    config = tiny_config(tmp_path, net=net, process={"type": "rectified_flow"}, prediction="velocity", batch_size=256, lr=3e-3,
+                         ema_decay=0.99)  # fmt: skip
     trainer = Trainer(config, data=data)
     reference = mix.sample(4000, torch.Generator().manual_seed(2))
     untrained = _distribution_error(trainer.generate(4000, seed=1).double(), mix, reference)
-    for _ in range(1500):
+    for _ in range(3000):
         trainer.train_step()
     x = trainer.generate(4000, seed=1).double()
     gap, weight_error = _distribution_error(x, mix, reference)
-    assert gap < 0.2 and weight_error < 0.03, (gap, weight_error)
-    assert untrained[0] > 0.5  # the same check rejects the untrained model
-    assert x.mean(0).abs().max() < 0.1
-    torch.testing.assert_close(torch.cov(x.T), torch.cov(reference.T), atol=0.15, rtol=0)
+    assert gap < 0.25 and weight_error < 0.03, (gap, weight_error)  # measured: gap -0.03..0.12 over 4 data seeds
+    assert untrained[0] > 2.0  # the same check rejects the untrained model
+    assert x.mean(0).abs().max() < 0.05
+    torch.testing.assert_close(torch.cov(x.T), torch.cov(reference.T), atol=0.05, rtol=0)
 
 
 def test_bf16_autocast_step_close_to_fp32(tmp_path):
@@ -410,3 +449,28 @@ def test_two_processes_reproduce_one_process(tmp_path):
     torch.testing.assert_close(
         _params(load_checkpoint(tmp_path / "ddp", ema=False).model), _params(single.model), rtol=1e-4, atol=1e-5
     )
+
+
+def test_cli_train_from_toml_and_resume(tmp_path):
+    from typer.testing import CliRunner
+
+    from fewstep.cli import app
+
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        'data = "moons"\nbatch_size = 32\nsample_steps = 2\nsample_count = 8\n[net]\ntype = "mlp"\ndim = 2\nwidth = 16\n'
+    )
+    runner = CliRunner()
+
+    def train(out: str, steps: int, *extra: str) -> list[float]:
+        args = ["train", "-c", str(toml), "--steps", str(steps), "--out", str(tmp_path / out), "--no-progress", *extra]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / out / "checkpoint.json").read_text())["loss_history"]
+
+    straight = train("a", 6)
+    train("b", 3)
+    resumed = train("b", 6, "--resume", "auto")
+    assert resumed == straight and len(straight) == 6
+    bad = runner.invoke(app, ["train", "-c", str(toml), "--out", str(tmp_path / "b"), "--resume", "auto", "--set", "net.width=8"])
+    assert bad.exit_code == 2 and "model config" in bad.output

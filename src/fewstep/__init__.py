@@ -5,7 +5,9 @@ from .gmm import GaussianMixture, mixture_nd, problem, ring2d
 from .grids import SCHEDULES, Schedule, time_grid
 from .guidance import DynamicThresholding, StaticClipping, cfg
 from .parameterization import PREDICTIONS, Denoiser, ModelError, Prediction, convert
+from .noise import BrownianTreeNoise
 from .processes import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow
+from .recommend import recommended
 from .sampling import sample, solvers
 from .schedule_search import SearchedSchedule, optimize_schedule
 from .solvers.dc_solver import dc_calibrate
@@ -14,6 +16,7 @@ from .solvers.dpmv3 import ModelStatistics, v3_statistics
 __version__ = "0.1.0"
 
 __all__ = [
+    "BrownianTreeNoise",
     "EDM",
     "PREDICTIONS",
     "SCHEDULES",
@@ -39,6 +42,7 @@ __all__ = [
     "optimize_schedule",
     "problem",
     "ring2d",
+    "recommended",
     "sample",
     "solvers",
     "steps_for_nfe",

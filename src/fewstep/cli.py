@@ -104,10 +104,21 @@ def bench_accuracy_command(
     process: str = typer.Option("discrete_vp", help="discrete_vp, vp, ve, edm or rectified_flow."),
     samples: int = typer.Option(256),
     out: Path = typer.Option(Path("out/bench"), help="Folder for the markdown table and the plot."),
+    peers: bool = typer.Option(False, "--peers", help="Compare with diffusers / k-diffusion and searched grids instead."),
+    search_iters: int = typer.Option(30, help="Schedule-search iterations per NFE (with --peers)."),
 ) -> None:
-    """Error against the exact ODE solution vs NFE for every solver and grid (markdown table + log-log plot)."""
+    """Error against the exact ODE solution vs NFE for every solver and grid (markdown table + log-log plot).
+
+    With --peers: fewstep's recommended default, a searched grid and several fewstep solvers beside every installed
+    diffusers scheduler and k-diffusion sampler, all on DiscreteVP(linear) against the exact flow map.
+    """
     from . import bench
     from .sampling import solvers as all_solvers
+
+    if peers:
+        budget = [int(n) for n in _csv(nfes)]
+        _bench_peers(_csv(problems), budget, samples, search_iters, out)
+        return
 
     names = [s for s in all_solvers() if not _is_stochastic(s)] if solvers == "all" else _csv(solvers)
     proc = _process(process)
@@ -120,6 +131,39 @@ def bench_accuracy_command(
     bench.accuracy_plot(rows, out / "accuracy.png")
     console.print(table)
     console.print(f"wrote {out / 'accuracy.md'} and {out / 'accuracy.png'}")
+
+
+PEER_FEWSTEP_ENTRIES = (("dpmpp_2m", "logsnr"), ("unipc", "logsnr"), ("deis", "logsnr"), ("ipndm", "logsnr"),
+                        ("ipndm", "quadratic"), ("heun", "logsnr"), ("ddim", "quadratic"))  # fmt: skip
+
+
+def _bench_peers(problems: list[str], nfes: list[int], samples: int, search_iters: int, out: Path) -> None:
+    from . import bench
+    from .processes import DiscreteVP
+    from .recommend import recommended
+
+    process = DiscreteVP.linear()
+
+    def pick(nfe):
+        kwargs = recommended(nfe, process)
+        return (
+            kwargs.pop("solver"),
+            kwargs.pop("schedule"),
+            {k: v for k, v in kwargs.items() if k not in ("steps", "denoise_to_zero")},
+        )
+
+    default = bench.Entry("fewstep recommended default", pick)
+    entries = [default] + [bench.fixed(solver, grid) for solver, grid in PEER_FEWSTEP_ENTRIES]
+    rows = bench.peer_accuracy(problems, nfes, entries, search_solvers=("ipndm", "heun"), samples=samples,
+                               search_iters=search_iters)  # fmt: skip
+    summary = bench.peer_summary(rows, nfes, default.label)
+    table = bench.peer_markdown(rows, nfes)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "peers.md", summary + "\n" + table)
+    bench.accuracy_plot(rows, out / "peers.png")
+    console.print(summary)
+    console.print(table)
+    console.print(f"wrote {out / 'peers.md'} and {out / 'peers.png'}")
 
 
 @bench_app.command("overhead")

@@ -17,12 +17,12 @@ from .evaluate import EvalRow, evaluate_digits, fd_table
 from .shipped import load_model
 
 
-def tile(samples: torch.Tensor, columns: int = 8, gap: int = 1) -> np.ndarray:
-    """Images [n, 1, H, W] in [-1, 1] as one grayscale array in [0, 1] with `columns` per row and a `gap` border."""
+def tile(samples: torch.Tensor, columns: int = 8, gap: int = 1, fill: float = 0.2) -> np.ndarray:
+    """Images [n, 1, H, W] in [-1, 1] as one grayscale array in [0, 1], `columns` per row, `gap` pixels of `fill`."""
     x = ((samples.detach().float().cpu().clamp(-1, 1) + 1) / 2)[:, 0].numpy()
     n, h, w = x.shape
     rows = -(-n // columns)
-    grid = np.ones((rows * (h + gap) + gap, columns * (w + gap) + gap))
+    grid = np.full((rows * (h + gap) + gap, columns * (w + gap) + gap), fill)
     for k in range(n):
         r, c = divmod(k, columns)
         grid[gap + r * (h + gap) : gap + r * (h + gap) + h, gap + c * (w + gap) : gap + c * (w + gap) + w] = x[k]
@@ -48,13 +48,13 @@ def digits_demo(
     seed: int = 0,
 ) -> str:
     """Sample the shipped digits model `model` with each solver at each NFE budget from the same noise; write
-    `<out_dir>/digits_<model>_<solver>_nfe<NFE>.png` (the first 64 samples) and return the FD table (markdown)."""
+    `<out_dir>/<model>_<solver>_nfe<NFE>.png` (the first 64 samples) and return the FD table (markdown)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model)
 
     def write_grid(row: EvalRow, samples: torch.Tensor) -> None:
-        save_grid(samples[:64], out / f"digits_{model}_{row.solver}_nfe{row.nfe_budget}.png")
+        save_grid(samples[:64], out / f"{model}_{row.solver}_nfe{row.nfe_budget}.png")
 
     rows = evaluate_digits(loaded.model, process=loaded.process, prediction=loaded.prediction, solvers=solvers,
                            nfes=nfes, n=n, seed=seed, on_cell=write_grid)  # fmt: skip

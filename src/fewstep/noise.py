@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .processes import Process
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -47,7 +49,7 @@ def _mix(z: torch.Tensor) -> torch.Tensor:
 
 def hashed_normal(seeds: torch.Tensor, node: int, numel: int) -> torch.Tensor:
     """Standard normals [len(seeds), numel] (float64), a pure function of (seed, node, element index)."""
-    key = _mix(seeds.to(torch.int64)[:, None] * _GOLDEN + _signed((node * 0xD1B54A32D192ED03) & _MASK64))
+    key = _mix(_mix(seeds.to(torch.int64)[:, None] * _GOLDEN + _GOLDEN) + _signed((node * 0xD1B54A32D192ED03) & _MASK64))
     elem = torch.arange(numel, dtype=torch.int64, device=seeds.device)[None]
     h1 = _mix(key + (2 * elem + 1) * _GOLDEN)
     h2 = _mix(key + (2 * elem + 2) * _GOLDEN)
@@ -94,6 +96,13 @@ class BrownianTreeNoise:
         self.seeds = torch.tensor(seeds, dtype=torch.int64)
         self._numel = math.prod(shape[1:])
         self._cache: dict[tuple[int, str], torch.Tensor] = {}
+
+    @classmethod
+    def for_process(
+        cls, like: torch.Tensor | Sequence[int], process: Process, seed: int | Sequence[int] = 0, *, tol: float | None = None
+    ) -> BrownianTreeNoise:
+        """A tree over the whole time range [t_min, t_max] of a fewstep process."""
+        return cls(like, process.t_min, process.t_max, seed, tol=tol)
 
     def _node(self, node: int, device: torch.device) -> torch.Tensor:
         """The standard normal draw of tree node `node` (heap numbering: root 1, children 2n and 2n + 1)."""

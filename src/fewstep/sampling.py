@@ -86,7 +86,7 @@ def sample(
         x = run.sigma[0] * noise
         x = spec.fn(run, x, **options)
         if final_denoise:
-            x = denoiser(x, run.t[-1]).x0
+            x = run.denoise(x, run.steps).x0
     denoiser.raise_if_not_finite()
     x.nfe = denoiser.nfe
     return x

@@ -50,11 +50,11 @@ def _adaptive(run: Run, x: torch.Tensor, s: Node, end: Node, order: int, rtol: f
     """Integrate from node s to node end (finite log-SNRs) with the embedded pair of `order`."""
     x_prev, pred = x, None
     while s.lam < end.lam:
-        if h < 1e-9:
+        last = h >= end.lam - s.lam - 1e-9
+        if h < 1e-9 and not last:
             raise FloatingPointError(f"dpm_adaptive: the log-SNR step fell to {h:.3g} at t={s.t:.6g}; rtol/atol too tight")
         if pred is None:
             pred = run.denoise_at(x, s.t)
-        last = h >= end.lam - s.lam
         t = end if last else log_snr_node(run, s.lam + h)
         nodes = [s] + [log_snr_node(run, s.lam + r * (t.lam - s.lam)) for r in FRACTIONS[order]] + [t]
         x_high, x_low = singlestep_update(run, x, pred, nodes, "noise", "dpmsolver", with_lower=True)

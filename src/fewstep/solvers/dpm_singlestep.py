@@ -10,7 +10,8 @@ intermediate points at the fractions r of its log-SNR interval, `order` evaluati
 grid's own points are the intermediate points: consecutive groups of `order` grid intervals form one step, a last
 shorter group is a lower-order step, one evaluation per grid point; as diffusers' DPMSolverSinglestepScheduler
 with lower_order_final). A step with an infinite log-SNR at an end (alpha = 0 or sigma = 0) is first order.
-In "grid" mode the callback is called once per step (after its last grid interval).
+In "grid" mode the callback is called once per step (after its last grid interval). The multistep rule
+`lower_order_final` of `fewstep.sample` does not apply to these solvers.
 
 The second intermediate point of DPM-Solver-3 is the papers' second-order update from s to s2 for both solver
 types, as in the authors' code; diffusers' order-3 "midpoint" uses its midpoint update there instead (both are

@@ -18,6 +18,26 @@ from ._options import check_number
 from .heun import edm_heun_step
 
 
+def churned_points(run: Run, gamma: float, s_tmin: float, s_tmax: float) -> list[tuple[float, Coefficients] | None]:
+    """Per step: (t_hat, its coefficients) where sigma/alpha is raised to (1 + gamma) sigma/alpha, else None.
+
+    Churn applies where S_tmin <= sigma/alpha <= S_tmax (finite); sigma_hat is capped at sigma/alpha of t_max.
+    """
+    process = run.process
+    edm_sigma_max = math.exp(-float(process.log_snr(process.t_max)))
+    points: list[tuple[float, Coefficients] | None] = []
+    for i in range(run.steps):
+        edm_sigma = math.exp(-run.log_snr[i])
+        churn = gamma > 0 and math.isfinite(edm_sigma) and s_tmin <= edm_sigma <= s_tmax
+        edm_sigma_hat = min(edm_sigma * (1.0 + gamma), edm_sigma_max) if churn else edm_sigma
+        if edm_sigma_hat > edm_sigma:
+            t_hat = min(float(process.t_from_log_snr(-math.log(edm_sigma_hat))), process.t_max)
+            points.append((t_hat, Coefficients.at(process, t_hat)))
+        else:
+            points.append(None)
+    return points
+
+
 @register("edm_sde", order=1, stochastic=True)
 def edm_sde(
     run: Run,
@@ -33,22 +53,16 @@ def edm_sde(
     s_tmin = check_number("s_tmin", s_tmin, 0.0, finite=False)
     s_tmax = check_number("s_tmax", s_tmax, s_tmin, finite=False)
     s_noise = check_number("s_noise", s_noise, 0.0)
-    process = run.process
-    edm_sigma_max = math.exp(-float(process.log_snr(process.t_max)))
-    gamma_max = min(s_churn / run.steps, math.sqrt(2.0) - 1.0)
+    churn = churned_points(run, min(s_churn / run.steps, math.sqrt(2.0) - 1.0), s_tmin, s_tmax)
     for i in run.range():
-        edm_sigma = math.exp(-run.log_snr[i])
-        gamma = gamma_max if math.isfinite(edm_sigma) and s_tmin <= edm_sigma <= s_tmax else 0.0
-        edm_sigma_hat = min(edm_sigma * (1.0 + gamma), edm_sigma_max)
-        if edm_sigma_hat > edm_sigma:
-            t_hat = min(float(process.t_from_log_snr(-math.log(edm_sigma_hat))), process.t_max)
-            c = Coefficients.at(process, t_hat)
-            std = s_noise * math.sqrt(max(0.0, (c.sigma / c.alpha) ** 2 - edm_sigma**2))
+        if churn[i] is None:
+            pred = run.denoise(x, i)
+            x = edm_heun_step(run, i, x, pred, run.alpha[i], run.sigma[i])
+        else:
+            t_hat, c = churn[i]
+            std = s_noise * math.sqrt(max(0.0, (c.sigma / c.alpha) ** 2 - math.exp(-2.0 * run.log_snr[i])))
             x = (c.alpha / run.alpha[i]) * x + (c.alpha * std) * run.noise_like(x, i)
             pred = run.denoise_at(x, t_hat)
             x = edm_heun_step(run, i, x, pred, c.alpha, c.sigma)
-        else:
-            pred = run.denoise(x, i)
-            x = edm_heun_step(run, i, x, pred, run.alpha[i], run.sigma[i])
         run.report(i, x, pred)
     return x

@@ -25,6 +25,7 @@ import torch
 
 from ._core import Run, register
 from ._lagrange import combine, data_step, weights
+from ._options import check_int
 
 MAX_GHVB_ORDER = 4
 
@@ -47,8 +48,7 @@ def dpmpp_mean(run: Run, i: int, order: int, x0: torch.Tensor, prev_x0: torch.Te
 def hb(run: Run, x: torch.Tensor, *, beta: float = 0.8, order: int = 2) -> torch.Tensor:
     """DPM-Solver++(1 or 2M) with heavy-ball momentum: v <- (1 - beta) v + beta D; beta = 1 is the plain solver."""
     beta = _check_beta(beta)
-    if order not in (1, 2):
-        raise ValueError(f"order must be 1 or 2 for solver 'hb' (DPM-Solver++(1) or (2M)), got order={order!r}")
+    order = check_int("order", order, 1, 2)  # DPM-Solver++(1) or (2M)
     v = prev = None
     for i in run.range():
         pred = run.denoise(x, i)

@@ -38,6 +38,7 @@ def train_command(
     ] = None,
 ) -> None:
     """Train a diffusion / flow model (configuration from --config, flags override it)."""
+    from .checkpoint import CheckpointError
     from .distributed import finish_distributed, init_distributed
     from .trainer import Trainer
 
@@ -61,11 +62,15 @@ def train_command(
     except (ValueError, OSError) as err:
         raise typer.BadParameter(str(err)) from err
     ctx = init_distributed()
-    trainer = Trainer(cfg, dist=ctx)
-    if resume is not None:
-        start = trainer.resume(None if resume == "auto" else resume)
-        if ctx.is_main:
-            typer.echo(f"resumed from step {start}")
+    try:
+        trainer = Trainer(cfg, dist=ctx)
+        if resume is not None:
+            start = trainer.resume(None if resume == "auto" else resume)
+            if ctx.is_main:
+                typer.echo(f"resumed from step {start}")
+    except (ValueError, ImportError, CheckpointError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
     trainer.train()
     if ctx.is_main:
         rate = trainer.iterations_per_second

@@ -40,14 +40,29 @@ class EMA:
         h = min(self.halflife, self.rampup * n) if self.rampup > 0 else self.halflife
         return 0.5 ** (1.0 / h) if h > 0 else 0.0
 
+    def _pairs(self, model: nn.Module) -> tuple[list, list, list, list]:
+        """(EMA params, model params, EMA buffers, model buffers), matched by name at the first update with `model`.
+
+        Call `rebind()` after moving or converting the model (which replaces its buffer tensors).
+        """
+        if getattr(self, "_cached_for", None) is not model:
+            src, src_buffers = dict(model.named_parameters()), dict(model.named_buffers())
+            params = [(p, src[n]) for n, p in self.module.named_parameters()]
+            buffers = [(b, src_buffers[n]) for n, b in self.module.named_buffers()]
+            self._cache = ([p for p, _ in params], [q for _, q in params], [b for b, _ in buffers], [c for _, c in buffers])
+            self._cached_for = model
+        return self._cache
+
+    def rebind(self) -> None:
+        """Forget the cached tensor pairs (after `model.to(...)`)."""
+        self._cached_for = None
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """ema = d * ema + (1 - d) * model for parameters; buffers are copied."""
         d = self.current_decay()
-        src = dict(model.named_parameters())
-        names = [name for name, _ in self.module.named_parameters()]
-        torch._foreach_lerp_([p for _, p in self.module.named_parameters()], [src[n].detach() for n in names], 1.0 - d)
-        src_buffers = dict(model.named_buffers())
-        for name, b in self.module.named_buffers():
-            b.copy_(src_buffers[name])
+        ema_params, params, ema_buffers, buffers = self._pairs(model)
+        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - d)
+        for b, c in zip(ema_buffers, buffers, strict=True):
+            b.copy_(c)
         self.updates += 1

@@ -37,8 +37,8 @@ from .checkpoint import (
 from .config import TrainConfig
 from .distributed import DistContext
 from .ema import EMA
-from .immiscible import immiscible_assign, knn_noise
-from .losses import diffusion_loss
+from .immiscible import IMMISCIBLE, immiscible_assign, knn_noise
+from .losses import WEIGHTINGS, diffusion_loss
 from .plots import save_loss_curve, save_samples
 from .process_config import build_process
 from .timesteps import sample_time
@@ -61,7 +61,7 @@ class Trainer:
         self.model: DiffusionModel = build_model(model_config, self.process).to(self.device)
         self.ema = EMA(self.model, config.ema_decay, config.ema_warmup, config.ema_halflife, config.ema_rampup)
         self.train_model = DistributedDataParallel(self.model) if self.dist.enabled else self.model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
         self.data_generator = torch.Generator().manual_seed(config.seed + 1)
         self.noise_generator = torch.Generator().manual_seed(config.seed + 2)
         self.sampler = BatchSampler(self.data, config.batch_size, self.data_generator)
@@ -72,8 +72,13 @@ class Trainer:
 
     def _check_options(self) -> None:
         c = self.config
-        if c.immiscible not in ("none", "assign", "knn"):
-            raise ValueError(f"immiscible={c.immiscible!r} is not known; allowed values: none, assign, knn")
+        if c.immiscible not in IMMISCIBLE:
+            raise ValueError(f"immiscible={c.immiscible!r} is not known; allowed values: {', '.join(IMMISCIBLE)}")
+        if c.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={c.weighting!r} is not known; allowed values: {', '.join(WEIGHTINGS)}")
+        sample_time(1, self.process, c.time_sampling, torch.Generator())  # raises for an unknown or unfitting method
+        if c.steps < 0 or c.batch_size < 1 or c.lr <= 0:
+            raise ValueError(f"need steps >= 0, batch_size >= 1 and lr > 0; got {c.steps}, {c.batch_size}, {c.lr}")
         self.dist.shard(c.batch_size)  # divisibility check
 
     # One step --------------------------------------------------------------------------------------------------
