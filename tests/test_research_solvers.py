@@ -141,7 +141,7 @@ def test_ghvb_weights_match_the_paper_on_a_uniform_grid():
 
 @pytest.mark.parametrize("base", ["ddim", "dpmpp_2m"])
 def test_time_shift_with_window_zero_is_its_base(base):
-    same = {"rtol": 0, "atol": 0}
+    same = {"rtol": 0, "atol": 1e-13}  # the base's fused kernels round differently from the per-sample path
     torch.testing.assert_close(run("DiscreteVP", "time_shift", 10, base=base), run("DiscreteVP", base, 10), **same)
     torch.testing.assert_close(run("EDM", "time_shift", 10, base=base, window=0.5, cutoff=100.0), run("EDM", base, 10), **same)
 

@@ -247,6 +247,7 @@ def peer_accuracy(
     entries: Sequence[Entry],
     *,
     search_solvers: Sequence[str] = (),
+    search_t_ends: Sequence[float] = (1e-3, 0.01, 0.03),
     samples: int = 256,
     calibration: int = 64,
     search_iters: int = 30,
@@ -256,9 +257,10 @@ def peer_accuracy(
     """fewstep entries, a searched grid and every installed peer on DiscreteVP.linear(), against the exact flow map.
 
     The exact answer is the probability-flow ODE from sigma(1) * noise all the way to sigma = 0
-    (`GaussianMixture.flow_map`), whatever time a sampler stops at. `search_solvers`: for each NFE the grid of each
-    of these solvers is optimised (`optimize_schedule`) on calibration noise drawn with another seed than the
-    evaluation noise, and the one with the lowest calibration error is evaluated.
+    (`GaussianMixture.flow_map`), whatever time a sampler stops at. `search_solvers`, `search_t_ends`: for each NFE
+    the interior grid times of each of these solvers, ending (before the final denoising) at each of these times,
+    are optimised (`optimize_schedule`) on calibration noise drawn with another seed than the evaluation noise;
+    the candidate with the lowest calibration error is evaluated.
     """
     from tqdm.auto import tqdm
 
@@ -299,13 +301,15 @@ def peer_accuracy(
                     bar.update(1)
                     found = []
                     for solver in search_solvers:
-                        try:
-                            found.append(optimize_schedule(
-                                model, process, solver, nfe, calibration_noise, reference=calibration_reference,
-                                init=["logsnr", "quadratic", "karras", "time_uniform"], iters=search_iters,
-                            ))  # fmt: skip
-                        except ValueError:  # NFE not reachable by this solver
-                            continue
+                        for t_end in search_t_ends:
+                            try:
+                                found.append(optimize_schedule(
+                                    model, process, solver, nfe, calibration_noise, reference=calibration_reference,
+                                    init=["logsnr", "quadratic", "karras", "time_uniform"], iters=search_iters,
+                                    t_end=t_end,
+                                ))  # fmt: skip
+                            except ValueError:  # NFE not reachable by this solver
+                                continue
                     best = min(found, key=lambda grid: grid.error)  # chosen on calibration noise only
                     x = sample(model, noise, process=process, **best.sample_kwargs())
                     errors[nfe] = rms_error(x, reference)

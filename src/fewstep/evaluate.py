@@ -161,12 +161,16 @@ def plot_fd(rows: Sequence[EvalRow], path: Path, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     for solver in dict.fromkeys(r.solver for r in rows):
         pts = sorted((r.nfe, r.fd) for r in rows if r.solver == solver)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=solver)
     ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="FD (digits classifier features)", title=title)
+    ticks = sorted({r.nfe_budget for r in rows})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -53,12 +53,17 @@ class Coefficients(NamedTuple):
         return cls(*(float(f(t64)) for f in (process.alpha, process.sigma, process.dalpha_dt, process.dsigma_dt)))
 
 
+def _minus_scaled(x: torch.Tensor, y: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
+    """x - s * y; one fused kernel when s is a number (the sampling loop's case)."""
+    return torch.add(x, y, alpha=-s) if isinstance(s, float) else x - s * y
+
+
 def to_x0_eps(pred: torch.Tensor, kind: str, x: torch.Tensor, c: Coefficients) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, eps) from a prediction of type `kind` at state x with coefficients c."""
     if kind == "eps":
-        return (x - c.sigma * pred) / c.alpha, pred
+        return _minus_scaled(x, pred, c.sigma) / c.alpha, pred
     if kind == "x0":
-        return pred, (x - c.alpha * pred) / c.sigma
+        return pred, _minus_scaled(x, pred, c.alpha) / c.sigma
     if kind == "v":
         norm = c.alpha**2 + c.sigma**2
         return (c.alpha * x - c.sigma * pred) / norm, (c.alpha * pred + c.sigma * x) / norm
@@ -151,8 +156,10 @@ class Denoiser:
             raise ModelError(f"the model returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)} at time t={t}")
         if out.dtype != x.dtype:
             raise ModelError(f"the model returned dtype {out.dtype} for x of dtype {x.dtype} at time t={t}")
-        # A float64 sum is NaN/Inf iff some entry is (short of 1e300-sized values): one cheap reduction, no sync.
-        self._finite_flags.append((self.nfe, self.step, t, out.sum(dtype=torch.float64)))
+        # The sum is NaN/Inf iff some entry is (or the values are absurdly large, > 1e34 on average): one cheap
+        # reduction and no sync. Accumulated in at least float32 so that half-precision outputs do not overflow.
+        acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+        self._finite_flags.append((self.nfe, self.step, t, out.sum(dtype=acc)))
         return out
 
     def __call__(self, x: torch.Tensor, t: float, c: Coefficients | None = None) -> Prediction:

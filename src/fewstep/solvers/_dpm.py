@@ -73,9 +73,9 @@ def step(x: torch.Tensor, s: Node, t: Node, derivs: Sequence[torch.Tensor], kind
         a, scale, z = t.sigma / s.sigma, t.alpha, -h
     else:
         a, scale, z = t.sigma / s.sigma * math.exp(-h), 2.0 * t.alpha, -2.0 * h
-    out = a * x
+    out = x * a
     for k, d in enumerate(derivs):
-        out = out + scale * _h_phi(k + 1, h, z) * d
+        out.add_(d, alpha=scale * _h_phi(k + 1, h, z))  # fused multiply-add into the fresh tensor `out`
     return out
 
 

@@ -40,9 +40,9 @@ def weights(run: Run, i: int, nodes: list[int]) -> list[float]:
 
 def combine(w: list[float], values: list[torch.Tensor]) -> torch.Tensor:
     """sum_j w_j values_j."""
-    out = w[0] * values[0]
+    out = values[0] * w[0]
     for wj, vj in zip(w[1:], values[1:], strict=True):
-        out = out + wj * vj
+        out.add_(vj, alpha=wj)  # fused multiply-add into the fresh tensor `out`
     return out
 
 

@@ -27,8 +27,8 @@ def multistep_derivs(ms: list[torch.Tensor], lams: list[float], h: float, third_
     that it converges at order 2 only; kept for parity).
     """
     r0 = (lams[0] - lams[1]) / h
-    if len(ms) == 2:
-        return [ms[0] + (ms[0] - ms[1]) / (2 * r0)]
+    if len(ms) == 2:  # (1 + 1/(2 r0)) m0 - m1/(2 r0), one fused kernel
+        return [torch.lerp(ms[1], ms[0], 1.0 + 1.0 / (2.0 * r0))]
     r1 = (lams[1] - lams[2]) / h
     d1_0 = (ms[0] - ms[1]) / r0
     d1_1 = (ms[1] - ms[2]) / r1

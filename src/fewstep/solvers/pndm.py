@@ -28,8 +28,12 @@ PRK_STEPS = 3  # PNDM warm-up: three pseudo Runge-Kutta steps give the four eps 
 
 
 def transfer(x: torch.Tensor, eps: torch.Tensor, a_from: float, s_from: float, a_to: float, s_to: float) -> torch.Tensor:
-    """The DDIM transfer phi: move x from (a_from, s_from) to (a_to, s_to) with the noise estimate eps."""
-    return a_to * (x - s_from * eps) / a_from + s_to * eps
+    """The DDIM transfer phi: move x from (a_from, s_from) to (a_to, s_to) with the noise estimate eps (a_from > 0).
+
+    a_to (x - s_from eps) / a_from + s_to eps, as two fused kernels.
+    """
+    ratio = a_to / a_from
+    return torch.add(x * ratio, eps, alpha=s_to - ratio * s_from)
 
 
 def multistep(run: Run, i: int, x: torch.Tensor, pred: Prediction, eps: list[torch.Tensor], order: int) -> torch.Tensor:
