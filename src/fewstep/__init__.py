@@ -4,8 +4,8 @@ from .budget import nfe_for_steps, steps_for_nfe
 from .gmm import GaussianMixture, mixture_nd, problem, ring2d
 from .grids import SCHEDULES, Schedule, time_grid
 from .guidance import DynamicThresholding, StaticClipping, cfg
-from .parameterization import PREDICTIONS, Denoiser, ModelError, Prediction, convert
 from .noise import BrownianTreeNoise
+from .parameterization import PREDICTIONS, Denoiser, ModelError, Prediction, convert
 from .processes import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow
 from .recommend import recommended
 from .sampling import sample, solvers

@@ -19,6 +19,7 @@ from .accuracy import rms_error, solver_error
 from .budget import steps_for_nfe
 from .gmm import problem
 from .grids import ScheduleLike
+from .io import atomic_write
 from .processes import Process
 from .sampling import sample
 
@@ -130,11 +131,8 @@ def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 @dataclass

@@ -83,9 +83,13 @@ def sample_command(
                schedule=schedule, progress=True)  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
-        tmp = out.with_name(out.name + ".tmp.npy")
-        np.save(tmp, x.numpy())
-        tmp.replace(out)
+        from .io import atomic_write
+
+        def save(tmp: Path) -> None:
+            with tmp.open("wb") as f:  # a file object: np.save would append ".npy" to a name
+                np.save(f, x.numpy())
+
+        atomic_write(out, save)
     else:
         from .demo import scatter_figure
 
@@ -191,9 +195,9 @@ def _is_stochastic(name: str) -> bool:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from .io import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 from .train.cli import bench_train_command, train_command  # noqa: E402

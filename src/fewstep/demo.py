@@ -11,6 +11,7 @@ import torch
 from .accuracy import rms_error
 from .bench import plan_for_nfe
 from .gmm import ring2d
+from .io import atomic_write_text
 from .processes import DiscreteVP
 from .sampling import sample
 
@@ -91,7 +92,5 @@ def gmm_demo(
     figure = out / "demo_gmm.png"
     scatter_figure(panels, figure, columns=len(solvers) + 1)
     text = "\n".join(lines) + "\n"
-    tmp = out / "demo_gmm.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "demo_gmm.md")
+    atomic_write_text(out / "demo_gmm.md", text)
     return text, figure

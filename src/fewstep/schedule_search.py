@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from .accuracy import rms_error
 from .budget import steps_for_nfe
 from .grids import ScheduleLike, time_grid
+from .io import atomic_write_text
 from .parameterization import Model, check_prediction
 from .processes import Process
 from .sampling import sample
@@ -119,15 +119,7 @@ class SearchedSchedule:
             text = json.dumps(self.to_dict(), indent=2, allow_nan=True)
         except TypeError as err:
             raise ValueError(f"solver_options must be JSON-serialisable to save the schedule: {err}") from err
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, text)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SearchedSchedule:

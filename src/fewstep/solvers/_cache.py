@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..io import atomic_write_text
 
 
 class CacheError(ValueError):
@@ -27,24 +28,8 @@ def tensor_digest(t: torch.Tensor) -> list:
     return [list(t.shape), str(t.dtype), hashlib.sha256(raw).hexdigest()]
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to `path` so that readers see the old file or the whole new one, never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, sort_keys=True, indent=1).encode())
+    atomic_write_text(path, json.dumps(obj, sort_keys=True, indent=1))
 
 
 def read_json(path: str | os.PathLike, key: dict[str, Any]) -> dict[str, Any]:

@@ -39,9 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..io import atomic_write_bytes
 from ..parameterization import Denoiser, Model
 from ..processes import Process
-from ._cache import CacheError, digest, tensor_digest, write_atomic
+from ._cache import CacheError, digest, tensor_digest
 from ._core import Run, register
 from ._options import check_int
 
@@ -91,9 +92,9 @@ class ModelStatistics:
         from safetensors.torch import save
 
         data = save({k: getattr(self, k).contiguous() for k in ("log_snr", "l", "s", "b")})
-        write_atomic(path, data)
+        atomic_write_bytes(path, data)
         meta = {"meta": self.meta, "sha256": hashlib.sha256(data).hexdigest(), "shape": list(self.l.shape)}
-        write_atomic(Path(str(path) + ".json"), json.dumps(meta, sort_keys=True).encode())
+        atomic_write_bytes(Path(str(path) + ".json"), json.dumps(meta, sort_keys=True).encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelStatistics:

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..io import atomic_write
 from ..nets import DiffusionModel, build_model
 from ..processes import Process
 from .process_config import build_process, process_config
@@ -69,30 +70,6 @@ def sidecar_path(path: str | os.PathLike) -> Path:
                     return candidate
         raise CheckpointError(f"no JSON sidecar in {p.parent} refers to the weights file {p.name}")
     return p.with_name(p.name + ".json")
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported on every platform / file system
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, fsync the file, then `os.replace` it onto `path` (all or nothing)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def file_digest(path: Path) -> str:
