@@ -209,7 +209,8 @@ def _shipped_fd(name: str, solver: str, nfe: int, n: int = 500) -> float:
     loaded = load_model(name)
     noise = torch.randn(n, 1, 8, 8, generator=_gen(0))
     steps = steps_within_nfe(solver, nfe, loaded.process)
-    x = sample(loaded.model, noise, process=loaded.process, prediction=loaded.prediction, solver=solver, steps=steps)
+    x = sample(loaded.model, noise, process=loaded.process, prediction=loaded.prediction, solver=solver, steps=steps,
+               schedule="time_uniform")  # fmt: skip
     return sample_metrics(x)["fd"]
 
 

@@ -159,13 +159,22 @@ def test_time_shift_selects_the_time_matching_the_variance():
 
 
 def test_time_shift_lowers_ddim_error_on_ring2d():
-    """Measured: DDIM 10 steps on ring2d (DiscreteVP, 256 samples) 0.110 -> 0.078 with window 0.3, data_var 0.51."""
+    """Measured: DDIM 10 steps on ring2d (DiscreteVP, time-uniform grid, 256 samples) 0.110 -> 0.078 with window
+    0.3, data_var 0.51. (On the log-SNR grid, where DDIM is already better, it does not help: 0.064 -> 0.076.)"""
     mixture, process = fewstep.ring2d(), fewstep.DiscreteVP.linear()
     noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ref = mixture.ode_solution(noise, process)
-    base = fewstep.sample(mixture.model(process), noise, process=process, solver="ddim", steps=10)
+    grid = "time_uniform"
+    base = fewstep.sample(mixture.model(process), noise, process=process, solver="ddim", steps=10, schedule=grid)
     shifted = fewstep.sample(
-        mixture.model(process), noise, process=process, solver="time_shift", steps=10, window=0.3, data_var=0.51
+        mixture.model(process),
+        noise,
+        process=process,
+        solver="time_shift",
+        steps=10,
+        window=0.3,
+        data_var=0.51,
+        schedule=grid,
     )
     assert shifted.nfe == base.nfe == 11
     assert rms_error(shifted, ref) < 0.8 * rms_error(base, ref)

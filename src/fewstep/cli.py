@@ -13,7 +13,8 @@ bench_app = typer.Typer(help="Benchmarks: accuracy against exact answers, solver
 app.add_typer(bench_app, name="bench")
 console = Console()
 
-DEMO_SOLVERS = ("ddim", "euler", "heun", "dpmpp_2m")
+DEMO_SOLVERS = ("ddim", "euler", "heun", "dpmpp_2m", "deis", "ipndm")
+DIGITS_SOLVERS = ("ddim", "dpmpp_2m", "unipc", "deis", "ipndm")
 DEMO_NFES = (5, 10, 20)
 
 
@@ -44,15 +45,22 @@ def solvers_command() -> None:
 
 @app.command("demo")
 def demo_command(
-    out: Path = typer.Option(Path("out/demo"), help="Folder for the figure and the table."),
+    out: Path = typer.Option(Path("out/demo"), help="Folder for the figures and the tables."),
     samples: int = typer.Option(512, help="Samples per solver."),
     seed: int = typer.Option(0),
 ) -> None:
-    """The main job: sample the embedded default with several solvers at NFE 5/10/20 against the exact answer."""
+    """The main job: the shipped digits model, then the exact mixture, sampled by several solvers at NFE 5/10/20."""
     from .demo import gmm_demo
+    from .digits_demo import digits_demo
 
-    table_md, figure = gmm_demo(out, solvers=DEMO_SOLVERS, nfes=DEMO_NFES, samples=samples, seed=seed, console=console)
-    console.print(f"\nwrote {figure} and {out / 'demo_gmm.md'}")
+    console.rule("1. shipped digits model (DiscreteVP, eps): Fréchet distance vs NFE, quadratic grid")
+    digits = digits_demo(out, nfes=DEMO_NFES, solvers=DIGITS_SOLVERS, n=samples, seed=seed, schedule="quadratic")
+    _write_text(out / "demo_digits.md", digits)
+    console.print(digits)
+    console.print(f"sample grids: {out}/digits_vp_<solver>_nfe<N>.png")
+    console.rule("2. exact Gaussian mixture (ring2d): error against the exact ODE solution")
+    _, figure = gmm_demo(out, solvers=DEMO_SOLVERS, nfes=DEMO_NFES, samples=samples, seed=seed, console=console)
+    console.print(f"\nwrote {out / 'demo_digits.md'}, {figure} and {out / 'demo_gmm.md'}")
 
 
 @app.command("sample")

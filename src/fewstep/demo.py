@@ -46,6 +46,7 @@ def gmm_demo(
     nfes: Sequence[int],
     samples: int = 512,
     seed: int = 0,
+    schedule: str = "logsnr",
     console=None,
 ) -> tuple[str, Path]:
     """Sample the exact ring2d model (DiscreteVP linear betas, eps prediction) with each solver at each NFE.
@@ -60,7 +61,8 @@ def gmm_demo(
     noise = torch.randn(samples, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     reference = mixture.ode_solution(noise, process)
     exact = mixture.sample(samples, torch.Generator().manual_seed(seed + 1))
-    table = Table("solver", *(f"NFE {n}" for n in nfes), title="ring2d, DiscreteVP(linear), RMS error vs exact ODE solution")
+    title = f"ring2d, DiscreteVP(linear), {schedule} grid: RMS error vs exact ODE solution"
+    table = Table("solver", *(f"NFE {n}" for n in nfes), title=title)
     lines = ["| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
     panels: dict[str, torch.Tensor] = {}
     from tqdm.auto import tqdm
@@ -75,7 +77,7 @@ def gmm_demo(
             except ValueError:
                 panels[f"{solver}: NFE {nfe} n/a"] = torch.full((1, 2), math.nan)
                 continue
-            x = sample(model, noise, process=process, solver=solver, steps=steps, denoise_to_zero=denoise)
+            x = sample(model, noise, process=process, solver=solver, steps=steps, denoise_to_zero=denoise, schedule=schedule)
             panels[f"{solver}, NFE {nfe}\nerr {rms_error(x, reference):.3f}"] = x
     bar.close()
     for solver in solvers:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .evaluate import EvalRow, evaluate_digits, fd_table
+from .io import atomic_write
 from .shipped import load_model
 
 
@@ -36,7 +37,8 @@ def save_grid(samples: torch.Tensor, path: Path, scale: int = 4) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.imsave(path, np.kron(1.0 - tile(samples), np.ones((scale, scale))), cmap="gray", vmin=0, vmax=1)
+    image = np.kron(1.0 - tile(samples), np.ones((scale, scale)))
+    atomic_write(path, lambda tmp: plt.imsave(tmp, image, cmap="gray", vmin=0, vmax=1, format="png"))
 
 
 def digits_demo(

@@ -12,8 +12,9 @@ alpha^2 * data_var + sigma^2 is closest. The sample is then treated as lying at 
 there and the base step (DDIM or DPM-Solver++(2M)) runs from it to t_{i+1}. `window` is in log-SNR units (the
 paper counts discrete timesteps); `data_var` is the per-coordinate variance of the data (the paper's Var(x_0);
 the default 0.25 suits images scaled to [-1, 1]). The variance of one sample over few coordinates is a noisy
-estimate: on 2-D ring2d at 10 steps (window 0.3) it lowers DDIM's error on DiscreteVP (0.110 -> 0.078, data_var
-0.51) but raises it on EDM (0.077 -> 0.30), whose sigmas go up to 80.
+estimate: on 2-D ring2d at 10 steps (window 0.3) it lowers DDIM's error on DiscreteVP with a time-uniform grid
+(0.110 -> 0.078, data_var 0.51) but not with a log-SNR grid (0.064 -> 0.076), and raises it on EDM (0.077 -> 0.30),
+whose sigmas go up to 80.
 
 The choice is per sample and made on the device (argmin over candidates, a gather, a model call with a [batch]
 time vector): no host synchronisation. A step whose window holds only its own time is the plain base step, so
