@@ -188,7 +188,7 @@ def test_bad_input_names_the_parameter():
 
 def test_steps_within_nfe_counts_heun_and_the_final_denoise():
     from fewstep import DiscreteVP, RectifiedFlow
-    from fewstep.evaluate import steps_within_nfe
+    from fewstep.budget import steps_within_nfe
 
     vp, flow = DiscreteVP.linear(), RectifiedFlow()
     assert steps_within_nfe("ddim", 10, vp) == 9  # 9 steps + the final denoising evaluation
@@ -203,7 +203,8 @@ def test_steps_within_nfe_counts_heun_and_the_final_denoise():
 
 def _shipped_fd(name: str, solver: str, nfe: int, n: int = 500) -> float:
     from fewstep import sample
-    from fewstep.evaluate import sample_metrics, steps_within_nfe
+    from fewstep.budget import steps_within_nfe
+    from fewstep.evaluate import sample_metrics
     from fewstep.shipped import load_model
 
     loaded = load_model(name)

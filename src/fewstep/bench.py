@@ -16,21 +16,12 @@ from pathlib import Path
 import torch
 
 from .accuracy import rms_error, solver_error
-from .budget import steps_for_nfe
+from .budget import plan_for_nfe
 from .gmm import problem
 from .grids import ScheduleLike
 from .io import atomic_write
 from .processes import Process
 from .sampling import sample
-
-
-def plan_for_nfe(solver: str, nfe: int, process: Process) -> tuple[int, bool]:
-    """(steps, denoise_to_zero) that make `solver` use exactly `nfe` evaluations; the final denoising step is
-    dropped when that is the only way to reach the budget (Heun: 2 per step, so even NFE without it)."""
-    try:
-        return steps_for_nfe(solver, nfe, process), True
-    except ValueError:
-        return steps_for_nfe(solver, nfe, process, denoise_to_zero=False), False
 
 
 @dataclass

@@ -98,3 +98,28 @@ def steps_for_nfe(
         f"nfe={nfe} is not reachable with solver={solver!r} on {process!r} (denoise_to_zero={denoise_to_zero}); "
         f"reachable values up to it: {', '.join(map(str, reachable)) or 'none'}"
     )
+
+
+def plan_for_nfe(solver: str, nfe: int, process: Process, **kwargs: Any) -> tuple[int, bool]:
+    """(steps, denoise_to_zero) that make `solver` use exactly `nfe` evaluations; the final denoising step is
+    dropped when that is the only way to reach the budget (Heun: 2 per step, so even NFE without it).
+    kwargs: t_start, t_end, solver options. Raises ValueError when neither reaches `nfe`."""
+    try:
+        return steps_for_nfe(solver, nfe, process, **kwargs), True
+    except ValueError:
+        return steps_for_nfe(solver, nfe, process, denoise_to_zero=False, **kwargs), False
+
+
+def steps_within_nfe(solver: str, nfe: int, process: Process, **kwargs) -> int:
+    """The most steps whose run costs at most `nfe` evaluations (`fewstep.budget.nfe_for_steps`); kwargs: t_start,
+    t_end, denoise_to_zero, solver options. Raises ValueError when even one step costs more."""
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got nfe={nfe!r}")
+    best = 0
+    for steps in range(1, nfe + 1):  # every step costs at least one evaluation
+        if nfe_for_steps(solver, steps, process, **kwargs) > nfe:
+            break
+        best = steps
+    if best == 0:
+        raise ValueError(f"nfe={nfe} is below the cost of one step of solver={solver!r} on {process!r}")
+    return best

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .accuracy import rms_error
-from .bench import plan_for_nfe
+from .budget import plan_for_nfe
 from .gmm import ring2d
 from .io import atomic_write_text
 from .processes import DiscreteVP

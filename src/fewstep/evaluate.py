@@ -19,7 +19,7 @@ from typing import Annotated
 import torch
 import typer
 
-from .budget import nfe_for_steps
+from .budget import steps_within_nfe
 from .classifier import class_statistics, features_and_logits
 from .data import digits
 from .metrics import frechet_distance, precision_recall
@@ -47,21 +47,6 @@ class EvalRow:
     precision: float
     recall: float
     seconds: float
-
-
-def steps_within_nfe(solver: str, nfe: int, process: Process, **kwargs) -> int:
-    """The most steps whose run costs at most `nfe` evaluations (`fewstep.budget.nfe_for_steps`); kwargs: t_start,
-    t_end, denoise_to_zero, solver options. Raises ValueError when even one step costs more."""
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be an integer >= 1, got nfe={nfe!r}")
-    best = 0
-    for steps in range(1, nfe + 1):  # every step costs at least one evaluation
-        if nfe_for_steps(solver, steps, process, **kwargs) > nfe:
-            break
-        best = steps
-    if best == 0:
-        raise ValueError(f"nfe={nfe} is below the cost of one step of solver={solver!r} on {process!r}")
-    return best
 
 
 @lru_cache(maxsize=1)

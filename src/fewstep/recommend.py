@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .budget import steps_for_nfe
+from .budget import plan_for_nfe
 from .processes import Process
 
 # (largest NFE of the band, solver, grid, solver options)
@@ -43,12 +43,11 @@ def recommended(nfe: int, process: Process, *, t_start: float | None = None, t_e
     # the last band's solver, which costs one evaluation per step.
     _, fallback, _, fallback_options = RECOMMENDED[-1]
     for name, opts in ((solver, options), (fallback, fallback_options)):
-        for denoise in (True, False):
-            try:
-                steps = steps_for_nfe(name, nfe, process, t_start=t_start, t_end=t_end, denoise_to_zero=denoise, **opts)
-            except ValueError:
-                continue
-            kwargs = dict(solver=name, steps=steps, schedule=schedule, denoise_to_zero=denoise, **opts)
-            kwargs.update({k: v for k, v in (("t_start", t_start), ("t_end", t_end)) if v is not None})
-            return kwargs
+        try:
+            steps, denoise = plan_for_nfe(name, nfe, process, t_start=t_start, t_end=t_end, **opts)
+        except ValueError:
+            continue
+        kwargs = dict(solver=name, steps=steps, schedule=schedule, denoise_to_zero=denoise, **opts)
+        kwargs.update({k: v for k, v in (("t_start", t_start), ("t_end", t_end)) if v is not None})
+        return kwargs
     raise ValueError(f"nfe={nfe} is not reachable with the recommended solvers on {process!r}")
