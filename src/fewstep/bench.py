@@ -180,9 +180,9 @@ def overhead(
     diffusers_us = None
     try:
         from diffusers import DPMSolverMultistepScheduler
-    except ImportError:
-        pass
-    else:
+    except ImportError:  # diffusers is optional (dev extra): report fewstep alone
+        DPMSolverMultistepScheduler = None
+    if DPMSolverMultistepScheduler is not None:
         scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear")
 
         def diffusers_loop():

@@ -49,7 +49,8 @@ def sample(
         process's default.
     denoise_to_zero: finish with the data prediction at t_end (one more evaluation, skipped where sigma(t_end) = 0).
         Otherwise multistep solvers lower their order over the last steps when steps < 15.
-    differentiable: keep the autograd graph through the solver (for schedule search, distillation).
+    differentiable: keep the autograd graph through the solver: gradients with respect to the model's parameters
+        or the noise (e.g. for distillation); the grid times are constants.
     x0_fn: post-processing of every data prediction, x0 [batch, ...] -> x0 (thresholding or clipping, see
         `fewstep.guidance`); the noise prediction is made consistent with it.
     options: solver-specific options (see `fewstep solvers`).
