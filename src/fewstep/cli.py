@@ -150,7 +150,7 @@ PEER_FEWSTEP_ENTRIES = (("dpmpp_2m", "logsnr"), ("unipc", "logsnr"), ("deis", "l
 
 
 def _bench_peers(problems: list[str], nfes: list[int], samples: int, search_iters: int, out: Path) -> None:
-    from . import bench
+    from . import bench, peers
     from .processes import DiscreteVP
     from .recommend import recommended
 
@@ -164,12 +164,12 @@ def _bench_peers(problems: list[str], nfes: list[int], samples: int, search_iter
             {k: v for k, v in kwargs.items() if k not in ("steps", "denoise_to_zero")},
         )
 
-    default = bench.Entry("fewstep recommended default", pick)
-    entries = [default] + [bench.fixed(solver, grid) for solver, grid in PEER_FEWSTEP_ENTRIES]
-    rows = bench.peer_accuracy(problems, nfes, entries, search_solvers=("ipndm", "heun"), samples=samples,
+    default = peers.Entry("fewstep recommended default", pick)
+    entries = [default] + [peers.fixed(solver, grid) for solver, grid in PEER_FEWSTEP_ENTRIES]
+    rows = peers.peer_accuracy(problems, nfes, entries, search_solvers=("ipndm", "heun"), samples=samples,
                                search_iters=search_iters)  # fmt: skip
-    summary = bench.peer_summary(rows, nfes, default.label)
-    table = bench.peer_markdown(rows, nfes)
+    summary = peers.peer_summary(rows, nfes, default.label)
+    table = peers.peer_markdown(rows, nfes)
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / "peers.md", summary + "\n" + table)
     bench.accuracy_plot(rows, out / "peers.png")

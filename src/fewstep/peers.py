@@ -1,4 +1,5 @@
-"""Peer samplers on the same exact model, for `fewstep bench accuracy --peers`: diffusers schedulers and k-diffusion.
+"""Comparison with peer libraries (`fewstep bench accuracy --peers`): diffusers schedulers and k-diffusion samplers
+on the same exact model as fewstep's entries and searched grids.
 
 The problem every sampler solves: the probability-flow ODE of a Gaussian mixture under DiscreteVP.linear() (DDPM
 betas, 1000 steps), from x = sigma(t=1) * noise (diffusers timestep 999) to the data (sigma = 0). The exact answer is
@@ -10,16 +11,23 @@ by wrapping its model, and its step count is chosen so that it uses exactly the 
 from __future__ import annotations
 
 import importlib
+import math
 import site
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .gmm import GaussianMixture
+from .accuracy import rms_error
+from .bench import AccuracyRow
+from .budget import plan_for_nfe
+from .gmm import GaussianMixture, problem
+from .grids import ScheduleLike
 from .processes import DiscreteVP
+from .sampling import sample
 
 PeerRun = Callable[[GaussianMixture, torch.Tensor, int], torch.Tensor]
 
@@ -121,8 +129,10 @@ def peers() -> dict[str, PeerRun]:
         d.utils.logging.set_verbosity_error()  # their config-fix-up notices would flood the benchmark output
         base = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
         configs = {
+            # DDIM steps from t to t - N // steps whatever its spacing, so only "trailing" (which starts at 999 like
+            # everyone here) is consistent with its own timesteps (to one timestep).
             "diffusers DDIM": lambda: d.DDIMScheduler(**base, clip_sample=False, set_alpha_to_one=True,
-                                                      timestep_spacing="linspace"),
+                                                      timestep_spacing="trailing"),
             "diffusers DPMSolverMultistep 2M": lambda: d.DPMSolverMultistepScheduler(**base),
             "diffusers DPMSolverMultistep 3M": lambda: d.DPMSolverMultistepScheduler(**base, solver_order=3),
             "diffusers DPMSolverMultistep 2M karras": lambda: d.DPMSolverMultistepScheduler(**base, use_karras_sigmas=True),
@@ -158,3 +168,144 @@ def run_at_nfe(peer: PeerRun, mixture: GaussianMixture, noise: torch.Tensor, nfe
         if used > nfe:
             return None
     return None
+
+
+SEARCHED_LABEL = "fewstep searched grid"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A fewstep configuration in the peer comparison: solver, grid and options (per NFE, via `pick`)."""
+
+    label: str
+    pick: Callable[[int], tuple[str, ScheduleLike, dict]]
+
+
+def fixed(solver: str, schedule: ScheduleLike, **options) -> Entry:
+    name = schedule if isinstance(schedule, str) else repr(schedule)
+    label = f"fewstep {solver} / {name}" + "".join(f", {k}={v}" for k, v in options.items())
+    return Entry(label, lambda nfe: (solver, schedule, options))
+
+
+def peer_accuracy(
+    problems: Sequence[str],
+    nfes: Sequence[int],
+    entries: Sequence[Entry],
+    *,
+    search_solvers: Sequence[str] = (),
+    search_t_ends: Sequence[float] = (1e-3, 0.01, 0.03),
+    samples: int = 256,
+    calibration: int = 64,
+    search_iters: int = 30,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[AccuracyRow]:
+    """fewstep entries, a searched grid and every installed peer on DiscreteVP.linear(), against the exact flow map.
+
+    The exact answer is the probability-flow ODE from sigma(1) * noise all the way to sigma = 0
+    (`GaussianMixture.flow_map`), whatever time a sampler stops at. `search_solvers`, `search_t_ends`: for each NFE
+    the interior grid times of each of these solvers, ending (before the final denoising) at each of these times,
+    are optimised (`optimize_schedule`) on calibration noise drawn with another seed than the evaluation noise;
+    the candidate with the lowest calibration error is evaluated.
+    """
+    from tqdm.auto import tqdm
+
+    from .schedule_search import optimize_schedule
+
+    process = DiscreteVP.linear()
+    peer_runs = peers()
+    rows = []
+    total = len(problems) * len(nfes) * (len(entries) + len(peer_runs) + bool(search_solvers))
+    with tqdm(total=total, desc="bench accuracy --peers", disable=not progress) as bar:
+        for name in problems:
+            mixture = problem(name)
+            noise = torch.randn(samples, mixture.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            reference = mixture.flow_map(noise, process)
+            model = mixture.model(process, "eps")
+            for entry in entries:
+                errors = {}
+                for nfe in nfes:
+                    bar.update(1)
+                    solver, schedule, options = entry.pick(nfe)
+                    try:
+                        steps, denoise = plan_for_nfe(solver, nfe, process)
+                        x = sample(model, noise, process=process, solver=solver, steps=steps, schedule=schedule,
+                                   denoise_to_zero=denoise, **options)  # fmt: skip
+                        errors[nfe] = rms_error(x, reference)
+                    except ValueError:
+                        errors[nfe] = math.nan
+                rows.append(AccuracyRow(name, repr(process), entry.label, "", errors))
+            if search_solvers:
+                calibration_noise = torch.randn(
+                    calibration, mixture.dim, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64
+                )
+                calibration_reference = mixture.flow_map(calibration_noise, process)
+                errors = {}
+                for nfe in nfes:
+                    bar.update(1)
+                    found = []
+                    for solver in search_solvers:
+                        for t_end in search_t_ends:
+                            try:
+                                found.append(optimize_schedule(
+                                    model, process, solver, nfe, calibration_noise, reference=calibration_reference,
+                                    init=["logsnr", "quadratic", "karras", "time_uniform"], iters=search_iters,
+                                    t_end=t_end,
+                                ))  # fmt: skip
+                            except ValueError:  # NFE not reachable by this solver
+                                continue
+                    best = min(found, key=lambda grid: grid.error)  # chosen on calibration noise only
+                    x = sample(model, noise, process=process, **best.sample_kwargs())
+                    errors[nfe] = rms_error(x, reference)
+                rows.append(AccuracyRow(name, repr(process), SEARCHED_LABEL, "", errors))
+            for peer_name, run in peer_runs.items():
+                errors = {}
+                for nfe in nfes:
+                    bar.update(1)
+                    x = run_at_nfe(run, mixture, noise, nfe)
+                    errors[nfe] = math.nan if x is None else rms_error(x, reference)
+                rows.append(AccuracyRow(name, repr(process), peer_name, "", errors))
+    return rows
+
+
+def peer_summary(
+    rows: Sequence[AccuracyRow], nfes: Sequence[int], default_label: str, searched_label: str = SEARCHED_LABEL
+) -> str:
+    """Per problem and NFE: the best peer, fewstep's recommended default and searched grid, and their ratios."""
+    lines = ["| problem | NFE | best peer | its error | fewstep default | ratio | searched grid | ratio |", "|---|" * 8]
+    lines[1] = "|" + "---|" * 8
+    for name in dict.fromkeys(r.problem for r in rows):
+        group = [r for r in rows if r.problem == name]
+        peer_rows = [r for r in group if not r.solver.startswith("fewstep")]
+        default = next(r for r in group if r.solver == default_label)
+        searched = next((r for r in group if r.solver == searched_label), None)
+        for n in nfes:
+            finite = [r for r in peer_rows if math.isfinite(r.errors[n])]
+            if not finite:
+                continue
+            best = min(finite, key=lambda r: r.errors[n])
+            d = default.errors[n]
+            s = searched.errors[n] if searched else math.nan
+            lines.append(
+                f"| {name} | {n} | {best.solver} | {best.errors[n]:.2e} | {d:.2e} | {d / best.errors[n]:.2f} | "
+                f"{s:.2e} | {s / best.errors[n]:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def peer_markdown(rows: Sequence[AccuracyRow], nfes: Sequence[int]) -> str:
+    """One table per problem: every fewstep entry and peer at each NFE, the best in bold."""
+    lines = []
+    for name in dict.fromkeys(r.problem for r in rows):
+        group = [r for r in rows if r.problem == name]
+        best = {n: min((r.errors[n] for r in group if math.isfinite(r.errors[n])), default=math.nan) for n in nfes}
+        lines += [f"\n**{name}**, DiscreteVP(linear), eps model; RMS error vs the exact flow map (noise -> data)\n"]
+        lines += ["| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
+        for r in group:
+            cells = []
+            for n in nfes:
+                e = r.errors[n]
+                cell = "-" if not math.isfinite(e) else f"{e:.2e}"
+                cells.append(f"**{cell}**" if e == best[n] else cell)
+            lines.append(f"| {r.solver} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).lstrip("\n") + "\n"
