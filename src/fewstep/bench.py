@@ -18,7 +18,7 @@ import torch
 from .accuracy import solver_error
 from .budget import plan_for_nfe
 from .gmm import problem
-from .io import atomic_write
+from .io import save_figure
 from .processes import Process
 from .sampling import sample
 
@@ -113,16 +113,7 @@ def accuracy_plot(rows: Sequence[AccuracyRow], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def _save_figure(fig, path: Path) -> None:
-    """Write a figure atomically (temp file + rename)."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @dataclass

@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from .io import atomic_write
+
 FEATURES = 64
 CLASSES = 10
 SHIPPED = "digits_classifier.safetensors"
@@ -155,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     net, acc = train_classifier(args.epochs, args.seed)
     meta = {"held_out_accuracy": f"{acc:.4f}", "epochs": str(args.epochs), "seed": str(args.seed)}
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(args.out), metadata=meta)
+    weights = {k: v.contiguous() for k, v in net.state_dict().items()}
+    atomic_write(Path(args.out), lambda tmp: save_file(weights, str(tmp), metadata=meta))
     print(json.dumps({**meta, "seconds": round(time.perf_counter() - start, 1), "out": str(args.out)}))
 
 

@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .io import atomic_write_text
+
 app = typer.Typer(help="fewstep: few-step diffusion sampling, training and distillation.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks: accuracy against exact answers, solver overhead.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -55,7 +57,7 @@ def demo_command(
 
     console.rule("1. shipped digits model (DiscreteVP, eps): Fréchet distance vs NFE, quadratic grid")
     digits = digits_demo(out, nfes=DEMO_NFES, solvers=DIGITS_SOLVERS, n=samples, seed=seed, schedule="quadratic")
-    _write_text(out / "demo_digits.md", digits)
+    atomic_write_text(out / "demo_digits.md", digits)
     console.print(digits)
     console.print(f"sample grids: {out}/digits_vp_<solver>_nfe<N>.png")
     console.rule("2. exact Gaussian mixture (ring2d): error against the exact ODE solution")
@@ -139,7 +141,7 @@ def bench_accuracy_command(
     rows = bench.accuracy(_csv(problems), proc, prediction, names, _csv(schedules), budget, samples=samples)
     table = bench.accuracy_markdown(rows, budget)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "accuracy.md", table)
+    atomic_write_text(out / "accuracy.md", table)
     bench.accuracy_plot(rows, out / "accuracy.png")
     console.print(table)
     console.print(f"wrote {out / 'accuracy.md'} and {out / 'accuracy.png'}")
@@ -171,7 +173,7 @@ def _bench_peers(problems: list[str], nfes: list[int], samples: int, search_iter
     summary = peers.peer_summary(rows, nfes, default.label)
     table = peers.peer_markdown(rows, nfes)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "peers.md", summary + "\n" + table)
+    atomic_write_text(out / "peers.md", summary + "\n" + table)
     bench.accuracy_plot(rows, out / "peers.png")
     console.print(summary)
     console.print(table)
@@ -192,7 +194,7 @@ def bench_overhead_command(
     result = bench.overhead(_csv(solvers), batch_shape=tuple(int(b) for b in _csv(batch)), steps=steps, repeats=repeats)
     table = bench.overhead_markdown(result)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "overhead.md", table)
+    atomic_write_text(out / "overhead.md", table)
     console.print(table)
 
 
@@ -200,12 +202,6 @@ def _is_stochastic(name: str) -> bool:
     from .solvers import get_solver
 
     return get_solver(name).stochastic
-
-
-def _write_text(path: Path, text: str) -> None:
-    from .io import atomic_write_text
-
-    atomic_write_text(path, text)
 
 
 from .train.cli import bench_train_command, train_command  # noqa: E402

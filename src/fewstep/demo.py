@@ -11,7 +11,7 @@ import torch
 from .accuracy import rms_error
 from .budget import plan_for_nfe
 from .gmm import ring2d
-from .io import atomic_write_text
+from .io import atomic_write_text, save_figure
 from .processes import DiscreteVP
 from .sampling import sample
 
@@ -22,8 +22,6 @@ def scatter_figure(panels: dict[str, torch.Tensor], path: Path, columns: int | N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .bench import _save_figure
 
     columns = columns or len(panels)
     rows = math.ceil(len(panels) / columns)
@@ -36,7 +34,7 @@ def scatter_figure(panels: dict[str, torch.Tensor], path: Path, columns: int | N
         ax.set(xlim=(-1.6, 1.6), ylim=(-1.6, 1.6), aspect="equal", title=title)
         ax.title.set_fontsize(8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def gmm_demo(

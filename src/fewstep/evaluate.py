@@ -22,6 +22,7 @@ import typer
 from .budget import steps_within_nfe
 from .classifier import class_statistics, features_and_logits
 from .data import digits
+from .io import atomic_write_text, save_figure
 from .metrics import frechet_distance, precision_recall
 from .parameterization import Model
 from .processes import Process
@@ -159,8 +160,7 @@ def plot_fd(rows: Sequence[EvalRow], path: Path, title: str = "") -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _parse_list(text: str, name: str, cast=str) -> list:
@@ -209,7 +209,7 @@ def eval_command(
     console.print(table)
     out.mkdir(parents=True, exist_ok=True)
     header = f"# fewstep eval: {checkpoint}\n\n{loaded.prediction} model on {loaded.process!r}; n={n}, seed={seed}.\n\n"
-    (out / "eval.md").write_text(header + markdown_table(rows) + "\nFD by NFE budget:\n\n" + fd_table(rows))
-    (out / "eval.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    atomic_write_text(out / "eval.md", header + markdown_table(rows) + "\nFD by NFE budget:\n\n" + fd_table(rows))
+    atomic_write_text(out / "eval.json", json.dumps([asdict(r) for r in rows], indent=1))
     plot_fd(rows, out / "fd_vs_nfe.png", title=str(Path(checkpoint).stem))
     console.print(f"wrote {out / 'eval.md'}, {out / 'eval.json'}, {out / 'fd_vs_nfe.png'}")

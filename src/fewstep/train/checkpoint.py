@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..io import atomic_write
+from ..io import atomic_write, atomic_write_text
 from ..nets import DiffusionModel, build_model
 from ..processes import Process
 from .process_config import build_process, process_config
@@ -218,7 +218,7 @@ def save_checkpoint(
         "extra": extra or {},
     }
     text = json.dumps(meta, indent=1)
-    atomic_write(json_path, lambda tmp: tmp.write_text(text))
+    atomic_write_text(json_path, text)
     if previous and previous != weights.name:
         with contextlib.suppress(OSError):
             (json_path.parent / previous).unlink()

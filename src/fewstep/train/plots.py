@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io import save_figure
+
 
 def _pyplot():
     import matplotlib
@@ -46,9 +48,7 @@ def save_samples(samples: torch.Tensor, path: str | Path, title: str = "", refer
         raise ValueError(f"cannot plot samples of shape {tuple(x.shape)}: need [N, 2] points or [N, C, H, W] images")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=100)
 
 
 def save_loss_curve(history: list[float], path: str | Path, window: int = 50) -> Path:
@@ -66,6 +66,4 @@ def save_loss_curve(history: list[float], path: str | Path, window: int = 50) ->
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=100)
