@@ -159,8 +159,10 @@ def overhead(
     def zero_model(x, t):
         return zero
 
+    from tqdm.auto import tqdm
+
     result = {}
-    for solver in solvers:
+    for solver in tqdm(solvers, desc="bench overhead", leave=False):
         sample(zero_model, noise, process=process, solver=solver, steps=steps, denoise_to_zero=False)  # warm-up
         seconds = _median_time(
             lambda s=solver: sample(zero_model, noise, process=process, solver=s, steps=steps, denoise_to_zero=False),

@@ -52,16 +52,21 @@ def digits_demo(
 ) -> str:
     """Sample the shipped digits model `model` with each solver at each NFE budget from the same noise; write
     `<out_dir>/<model>_<solver>_nfe<NFE>.png` (the first 64 samples) and return the FD table (markdown).
-    schedule: the time grid (None: the process's default, time-uniform for digits_vp). About 20 s on one CPU core."""
+    schedule: the time grid (None: the process's default, log-SNR for digits_vp). About 20 s on one CPU core."""
+    from tqdm.auto import tqdm
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model)
+    bar = tqdm(total=len(solvers) * len(nfes), desc=f"demo ({model})", leave=False)
 
     def write_grid(row: EvalRow, samples: torch.Tensor) -> None:
         save_grid(samples[:64], out / f"{model}_{row.solver}_nfe{row.nfe_budget}.png")
+        bar.update(1)
 
-    rows = evaluate_digits(loaded.model, process=loaded.process, prediction=loaded.prediction, solvers=solvers,
-                           nfes=nfes, n=n, seed=seed, schedule=schedule, on_cell=write_grid)  # fmt: skip
+    with bar:
+        rows = evaluate_digits(loaded.model, process=loaded.process, prediction=loaded.prediction, solvers=solvers,
+                               nfes=nfes, n=n, seed=seed, schedule=schedule, on_cell=write_grid)  # fmt: skip
     note = (
         f"FD of {n} samples of `{model}` against the 1,797 real digits (digits-classifier features; lower is better;"
         " two disjoint halves of the real digits: 1.9)\n\n"
