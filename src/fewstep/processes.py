@@ -117,21 +117,24 @@ class _VPBase(Process, ABC):
         return -alpha * alpha * self.dlog_alpha_dt(t) / self.sigma(t)
 
 
-def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear interpolation of (xp, fp) at x, xp increasing, linear extrapolation at both ends."""
+def _segment(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor):
+    """The knots (x0, x1, f0, f1) of the piecewise-linear segment of (xp, fp), xp increasing, that holds each x."""
     xp = xp.to(x.device, x.dtype)
     fp = fp.to(x.device, x.dtype)
     i = torch.searchsorted(xp, x.detach().contiguous()).clamp(1, len(xp) - 1)
-    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    return xp[i - 1], xp[i], fp[i - 1], fp[i]
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of (xp, fp) at x, xp increasing, linear extrapolation at both ends."""
+    x0, x1, f0, f1 = _segment(x, xp, fp)
     return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
 
 
 def _interp_slope(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     """Slope of the piecewise-linear interpolant at x (the segment searchsorted picks)."""
-    xp = xp.to(x.device, x.dtype)
-    fp = fp.to(x.device, x.dtype)
-    i = torch.searchsorted(xp, x.detach().contiguous()).clamp(1, len(xp) - 1)
-    return (fp[i] - fp[i - 1]) / (xp[i] - xp[i - 1])
+    x0, x1, f0, f1 = _segment(x, xp, fp)
+    return (f1 - f0) / (x1 - x0)
 
 
 class DiscreteVP(_VPBase):
