@@ -349,6 +349,7 @@ def test_pc_batch_norms_depend_on_batch():
             solver="pc",
             steps=12,
             generator=[torch.Generator().manual_seed(10 + j) for j in idx],
+            norms="batch",
         )
 
     assert (run([0, 1, 2, 3])[[2, 0]] - run([2, 0])).abs().max() > 1e-6

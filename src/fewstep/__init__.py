@@ -5,7 +5,7 @@ from .gmm import GaussianMixture, mixture_nd, problem, ring2d
 from .grids import SCHEDULES, Schedule, time_grid
 from .guidance import DynamicThresholding, StaticClipping, cfg
 from .noise import BrownianTreeNoise
-from .parameterization import PREDICTIONS, Denoiser, ModelError, Prediction, convert
+from .parameterization import PREDICTIONS, Denoiser, ModelError, Prediction, SolverError, convert
 from .processes import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow
 from .recommend import recommended
 from .sampling import sample, solvers
@@ -33,6 +33,7 @@ __all__ = [
     "RectifiedFlow",
     "Schedule",
     "SearchedSchedule",
+    "SolverError",
     "StaticClipping",
     "cfg",
     "convert",

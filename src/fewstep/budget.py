@@ -15,9 +15,12 @@ from typing import Any
 
 import torch
 
+from .checks import MAX_STEPS
 from .processes import Process
 from .sampling import sample
 from .solvers import get_solver
+
+MESSAGE_VALUES = 20  # reachable NFE values listed in an error message
 
 
 def _zero_v_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -67,6 +70,28 @@ def _dry_run_nfe(solver, steps, process, t_start, t_end, denoise_to_zero, option
 _cached_nfe = lru_cache(maxsize=1024)(_dry_run_nfe)
 
 
+def _check_nfe(nfe: int) -> int:
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or not 1 <= nfe <= MAX_STEPS:
+        raise ValueError(f"nfe must be an integer >= 1 and <= {MAX_STEPS}, got nfe={nfe!r}")
+    return nfe
+
+
+def _first_steps_costing(solver: str, nfe: int, process: Process, kwargs: dict[str, Any]) -> tuple[int, int]:
+    """(steps, cost): the fewest steps whose run costs >= nfe (or the most steps tried, nfe, with its cost).
+
+    Bisection over steps in [1, nfe]: the cost never decreases with steps and every step costs at least one
+    evaluation, so about log2(nfe) dry runs.
+    """
+    lo, hi = 1, nfe
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if nfe_for_steps(solver, mid, process, **kwargs) >= nfe:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo, nfe_for_steps(solver, lo, process, **kwargs)
+
+
 def steps_for_nfe(
     solver: str,
     nfe: int,
@@ -79,24 +104,20 @@ def steps_for_nfe(
 ) -> int:
     """The number of steps at which `solver` uses exactly `nfe` network evaluations on `process`.
 
-    Raises ValueError naming the reachable NFE values when no step count costs exactly `nfe` (Heun with a final
-    denoising evaluation, for example, only reaches odd NFE).
+    Raises ValueError naming the nearest reachable NFE values when no step count costs exactly `nfe` (Heun with a
+    final denoising evaluation, for example, only reaches odd NFE).
     """
     get_solver(solver).check_options(solver_options)
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be an integer >= 1, got nfe={nfe!r}")
+    _check_nfe(nfe)
     kwargs = dict(t_start=t_start, t_end=t_end, denoise_to_zero=denoise_to_zero, **solver_options)
-    reachable = []
-    for steps in range(1, nfe + 1):  # every step costs at least one evaluation
-        cost = nfe_for_steps(solver, steps, process, **kwargs)
-        if cost == nfe:
-            return steps
-        if cost > nfe:
-            break
-        reachable.append(cost)
+    steps, cost = _first_steps_costing(solver, nfe, process, kwargs)
+    if cost == nfe:
+        return steps
+    first = max(1, steps - MESSAGE_VALUES)
+    reachable = [str(nfe_for_steps(solver, s, process, **kwargs)) for s in range(first, steps)]
     raise ValueError(
         f"nfe={nfe} is not reachable with solver={solver!r} on {process!r} (denoise_to_zero={denoise_to_zero}); "
-        f"reachable values up to it: {', '.join(map(str, reachable)) or 'none'}"
+        f"reachable values up to it: {'..., ' if first > 1 else ''}{', '.join(reachable) or 'none'}"
     )
 
 
@@ -113,13 +134,9 @@ def plan_for_nfe(solver: str, nfe: int, process: Process, **kwargs: Any) -> tupl
 def steps_within_nfe(solver: str, nfe: int, process: Process, **kwargs) -> int:
     """The most steps whose run costs at most `nfe` evaluations (`fewstep.budget.nfe_for_steps`); kwargs: t_start,
     t_end, denoise_to_zero, solver options. Raises ValueError when even one step costs more."""
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be an integer >= 1, got nfe={nfe!r}")
-    best = 0
-    for steps in range(1, nfe + 1):  # every step costs at least one evaluation
-        if nfe_for_steps(solver, steps, process, **kwargs) > nfe:
-            break
-        best = steps
+    _check_nfe(nfe)
+    steps, cost = _first_steps_costing(solver, nfe + 1 if nfe < MAX_STEPS else nfe, process, kwargs)
+    best = min(steps - 1 if cost > nfe else steps, nfe)
     if best == 0:
         raise ValueError(f"nfe={nfe} is below the cost of one step of solver={solver!r} on {process!r}")
     return best

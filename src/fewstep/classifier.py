@@ -146,14 +146,35 @@ def train_classifier(epochs: int = 40, seed: int = 0, log: bool = True) -> tuple
     return net, class_statistics(features_and_logits(x_test, net)[1], y_test)["accuracy"]
 
 
+def _int_in(lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi] (else a usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {text!r}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fewstep.classifier", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the digits classifier and save its weights")
     train.add_argument("--out", type=Path, required=True, help="output .safetensors file")
-    train.add_argument("--epochs", type=int, default=40)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=_int_in(1, 100_000), default=40)
+    train.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
     args = parser.parse_args(argv)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        train.error(f"argument --out: cannot create the folder {args.out.parent}: {err.strerror or err}")
+    if args.out.is_dir():
+        train.error(f"argument --out: {args.out} is a folder; give a .safetensors file name")
     start = time.perf_counter()
     net, acc = train_classifier(args.epochs, args.seed)
     meta = {"held_out_accuracy": f"{acc:.4f}", "epochs": str(args.epochs), "seed": str(args.seed)}

@@ -8,10 +8,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .grids import SCHEDULES
 from .io import atomic_write_text
+from .train.cli import choice, parse_ints, parse_names, usage_errors, writable_dir, writable_file
+from .train.config import MAX_SEED
+from .train.process_config import PROCESS_TYPES, build_process
 
-app = typer.Typer(help="fewstep: few-step diffusion sampling, training and distillation.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks: accuracy against exact answers, solver overhead.", no_args_is_help=True)
+# rich_markup_mode=None: a usage error is printed by click as one line "Error: Invalid value for '--steps': ..."
+# (greppable in logs), not wrapped in a box of 80 columns.
+app = typer.Typer(help="fewstep: few-step diffusion sampling, training and distillation.", no_args_is_help=True,
+                  rich_markup_mode=None)  # fmt: skip
+bench_app = typer.Typer(help="Benchmarks: accuracy against exact answers, solver overhead.", no_args_is_help=True,
+                        rich_markup_mode=None)  # fmt: skip
 app.add_typer(bench_app, name="bench")
 console = Console()
 
@@ -20,17 +28,25 @@ DIGITS_SOLVERS = ("ddim", "dpmpp_2m", "unipc", "deis", "ipndm")
 DEMO_NFES = (5, 10, 20)
 
 
-def _csv(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
+SEED = typer.Option(0, min=0, max=MAX_SEED, help=f"Random seed (0 to {MAX_SEED}).")
+PROCESS_HELP = f"Process: {', '.join(PROCESS_TYPES)}."
 
 
 def _process(name: str):
-    from .train.process_config import build_process
+    """The process of a --process option (default options)."""
+    return build_process(choice(name, PROCESS_TYPES, "--process"))
 
-    try:
-        return build_process(name)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--process") from err
+
+def _solver_names() -> tuple[str, ...]:
+    from .solvers import solver_specs
+
+    return tuple(solver_specs())
+
+
+def _problem_names() -> tuple[str, ...]:
+    from .gmm import PROBLEMS
+
+    return tuple(PROBLEMS)
 
 
 @app.command("solvers")
@@ -48,13 +64,14 @@ def solvers_command() -> None:
 @app.command("demo")
 def demo_command(
     out: Path = typer.Option(Path("out/demo"), help="Folder for the figures and the tables."),
-    samples: int = typer.Option(512, help="Samples per solver."),
-    seed: int = typer.Option(0),
+    samples: int = typer.Option(512, min=10, help="Samples per solver."),
+    seed: int = SEED,
 ) -> None:
     """The main job: the shipped digits model, then the exact mixture, sampled by several solvers at NFE 5/10/20."""
     from .demo import gmm_demo
     from .digits_demo import digits_demo
 
+    writable_dir(out, "--out")
     console.rule("1. shipped digits model (DiscreteVP, eps): Fréchet distance vs NFE, quadratic grid")
     digits = digits_demo(out, nfes=DEMO_NFES, solvers=DIGITS_SOLVERS, n=samples, seed=seed, schedule="quadratic")
     atomic_write_text(out / "demo_digits.md", digits)
@@ -68,12 +85,12 @@ def demo_command(
 @app.command("sample")
 def sample_command(
     solver: str = typer.Option("dpmpp_2m", help="Solver name (see `fewstep solvers`)."),
-    steps: int = typer.Option(10, help="Solver steps."),
-    schedule: str = typer.Option(None, help="Grid name (default: the process's default)."),
-    process: str = typer.Option("discrete_vp", help="discrete_vp, vp, ve, edm or rectified_flow."),
+    steps: int = typer.Option(10, min=1, help="Solver steps."),
+    schedule: str = typer.Option(None, help=f"Grid: {', '.join(SCHEDULES)} (default: the process's default)."),
+    process: str = typer.Option("discrete_vp", help=PROCESS_HELP),
     problem: str = typer.Option("ring2d", help="Exact Gaussian-mixture model: ring2d or mixture16d."),
-    n: int = typer.Option(1000, help="Number of samples."),
-    seed: int = typer.Option(0),
+    n: int = typer.Option(1000, min=1, help="Number of samples."),
+    seed: int = SEED,
     out: Path = typer.Option(Path("out/samples.npy"), help="Output .npy (array) or .png (scatter of 2-D samples)."),
 ) -> None:
     """Sample the exact model of a Gaussian-mixture problem and save the samples."""
@@ -83,15 +100,21 @@ def sample_command(
     from . import gmm
     from .sampling import sample
 
+    choice(solver, _solver_names(), "--solver")
+    if schedule is not None:
+        choice(schedule, SCHEDULES, "--schedule")
+    proc = _process(process)
+    mixture = gmm.problem(choice(problem, _problem_names(), "--problem"))
     if out.suffix not in (".npy", ".png"):
         raise typer.BadParameter(f"output must end in .npy or .png, got {out.name}", param_hint="--out")
-    proc = _process(process)
-    mixture = gmm.problem(problem)
+    writable_file(out, "--out")
     prediction = "velocity" if process == "rectified_flow" else "eps"
     noise = torch.randn(n, mixture.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    x = sample(mixture.model(proc, prediction), noise, process=proc, prediction=prediction, solver=solver, steps=steps,
-               schedule=schedule, progress=True)  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # e.g. more steps than allowed, or a grid not defined on this process (whose t_start / t_end the process sets)
+    blame = {"schedule": "--schedule", "steps": "--steps", "solver": "--solver", "t_start": "--process", "t_end": "--process"}
+    with usage_errors(options=blame):
+        x = sample(mixture.model(proc, prediction), noise, process=proc, prediction=prediction, solver=solver, steps=steps,
+                   schedule=schedule, progress=True)  # fmt: skip
     if out.suffix == ".npy":
         from .io import atomic_write
 
@@ -112,35 +135,44 @@ def sample_command(
 @bench_app.command("accuracy")
 def bench_accuracy_command(
     solvers: str = typer.Option("ddim,euler,heun,dpmpp_2m", help="Comma-separated solver names, or 'all'."),
-    schedules: str = typer.Option("time_uniform,logsnr,karras", help="Comma-separated grid names."),
+    schedules: str = typer.Option("time_uniform,logsnr,karras", help=f"Comma-separated grid names: {', '.join(SCHEDULES)}."),
     nfes: str = typer.Option("5,6,8,10,15,20", help="Comma-separated NFE budgets."),
-    problems: str = typer.Option("ring2d,mixture16d", help="Comma-separated problems."),
-    process: str = typer.Option("discrete_vp", help="discrete_vp, vp, ve, edm or rectified_flow."),
-    samples: int = typer.Option(256),
+    problems: str = typer.Option("ring2d,mixture16d", help="Comma-separated problems: ring2d, mixture16d."),
+    process: str = typer.Option("discrete_vp", help=PROCESS_HELP),
+    samples: int = typer.Option(256, min=1),
     out: Path = typer.Option(Path("out/bench"), help="Folder for the markdown table and the plot."),
     peers: bool = typer.Option(False, "--peers", help="Compare with diffusers / k-diffusion and searched grids instead."),
-    search_iters: int = typer.Option(30, help="Schedule-search iterations per NFE (with --peers)."),
+    search_iters: int = typer.Option(30, min=1, help="Schedule-search iterations per NFE (with --peers)."),
 ) -> None:
     """Error against the exact ODE solution vs NFE for every solver and grid (markdown table + log-log plot).
 
     With --peers: fewstep's recommended default, a searched grid and several fewstep solvers beside every installed
     diffusers scheduler and k-diffusion sampler, all on DiscreteVP(linear) against the exact flow map.
     """
-    from . import bench
-    from .sampling import solvers as all_solvers
+    import math
 
+    from . import bench
+
+    problem_list = parse_names(problems, _problem_names(), "--problems", "problem")
+    budget = parse_ints(nfes, "--nfes")
     if peers:
-        budget = [int(n) for n in _csv(nfes)]
-        _bench_peers(_csv(problems), budget, samples, search_iters, out)
+        with usage_errors():
+            _bench_peers(problem_list, budget, samples, search_iters, writable_dir(out, "--out"))
         return
 
-    names = [s for s in all_solvers() if not _is_stochastic(s)] if solvers == "all" else _csv(solvers)
+    if solvers == "all":
+        names = [s for s in _solver_names() if not _is_stochastic(s)]
+    else:
+        names = parse_names(solvers, _solver_names(), "--solvers", "solver")
+    grids = parse_names(schedules, SCHEDULES, "--schedules", "schedule")
     proc = _process(process)
+    writable_dir(out, "--out")
     prediction = "velocity" if process == "rectified_flow" else "eps"
-    budget = [int(n) for n in _csv(nfes)]
-    rows = bench.accuracy(_csv(problems), proc, prediction, names, _csv(schedules), budget, samples=samples)
+    rows = bench.accuracy(problem_list, proc, prediction, names, grids, budget, samples=samples)
+    if all(math.isnan(e) for row in rows for e in row.errors.values()):
+        message = "no cell of the table can be computed: each solver needs more evaluations than the budgets allow"
+        raise typer.BadParameter(message + " or no grid is defined on --process", param_hint="--solvers/--schedules/--nfes")
     table = bench.accuracy_markdown(rows, budget)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "accuracy.md", table)
     bench.accuracy_plot(rows, out / "accuracy.png")
     console.print(table)
@@ -172,7 +204,6 @@ def _bench_peers(problems: list[str], nfes: list[int], samples: int, search_iter
                                search_iters=search_iters)  # fmt: skip
     summary = peers.peer_summary(rows, nfes, default.label)
     table = peers.peer_markdown(rows, nfes)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "peers.md", summary + "\n" + table)
     bench.accuracy_plot(rows, out / "peers.png")
     console.print(summary)
@@ -183,17 +214,20 @@ def _bench_peers(problems: list[str], nfes: list[int], samples: int, search_iter
 @bench_app.command("overhead")
 def bench_overhead_command(
     solvers: str = typer.Option("ddim,dpmpp_2m", help="Comma-separated solver names."),
-    steps: int = typer.Option(50),
-    repeats: int = typer.Option(30),
-    batch: str = typer.Option("64,1,8,8", help="Batch shape."),
+    steps: int = typer.Option(50, min=1, max=1000, help="Solver steps (diffusers' scheduler has 1000 timesteps)."),
+    repeats: int = typer.Option(30, min=1),
+    batch: str = typer.Option("64,1,8,8", help="Batch shape: comma-separated sizes >= 1."),
     out: Path = typer.Option(Path("out/bench"), help="Folder for the markdown table."),
 ) -> None:
     """Per-step solver overhead with a zero-cost model, and the ratio to diffusers' DPMSolverMultistepScheduler."""
     from . import bench
 
-    result = bench.overhead(_csv(solvers), batch_shape=tuple(int(b) for b in _csv(batch)), steps=steps, repeats=repeats)
+    names = parse_names(solvers, _solver_names(), "--solvers", "solver")
+    shape = tuple(parse_ints(batch, "--batch"))
+    writable_dir(out, "--out")
+    with usage_errors():
+        result = bench.overhead(names, batch_shape=shape, steps=steps, repeats=repeats)
     table = bench.overhead_markdown(result)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "overhead.md", table)
     console.print(table)
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -100,15 +101,14 @@ def image_folder(path: str | Path, size: int | tuple[int, int] | None = None, mo
 
 def load_dataset(name: str, **options: Any) -> torch.Tensor:
     """A data set by name (see module doc); options go to its loader (n, seed, noise; path, size, mode)."""
-    if name in ("ring", "moons", "circles", "swiss_roll"):
-        return toy_2d(name, **options)
-    loaders = {"digits": digits, "mnist": mnist, "folder": image_folder}
-    if name not in loaders:
+    if name not in DATASETS:
         raise ValueError(f"dataset name={name!r} is not known; allowed values: {', '.join(DATASETS)}")
+    toy = name in ("ring", "moons", "circles", "swiss_roll")
+    loader = partial(toy_2d, name) if toy else {"digits": digits, "mnist": mnist, "folder": image_folder}[name]
     try:
-        return loaders[name](**options)
+        return loader(**options)
     except TypeError as err:
-        raise ValueError(f"bad options for dataset {name!r}: {err}") from err
+        raise ValueError(f"bad data_options for dataset {name!r}: {err}") from err
 
 
 class BatchSampler:

@@ -22,13 +22,16 @@ import typer
 from .budget import steps_within_nfe
 from .classifier import class_statistics, features_and_logits
 from .data import digits
+from .grids import SCHEDULES
 from .io import atomic_write_text, save_figure
 from .metrics import frechet_distance, precision_recall
 from .parameterization import Model
 from .processes import Process
 from .sampling import sample
 from .shipped import SHIPPED_MODELS, load_model
-from .solvers import get_solver
+from .solvers import get_solver, solver_specs
+from .train.cli import choice, parse_ints, parse_names, usage_errors, writable_dir
+from .train.config import MAX_SEED
 
 DIGIT_SHAPE = (1, 8, 8)
 CHECKPOINT_HELP = f"a `fewstep train` checkpoint (.json) or a shipped model: {', '.join(SHIPPED_MODELS)}"
@@ -163,23 +166,13 @@ def plot_fd(rows: Sequence[EvalRow], path: Path, title: str = "") -> None:
     save_figure(fig, path)
 
 
-def _parse_list(text: str, name: str, cast=str) -> list:
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    if not items:
-        raise ValueError(f"{name} must be a comma-separated list, got {text!r}")
-    try:
-        return [cast(s) for s in items]
-    except ValueError as err:
-        raise ValueError(f"{name} must be a comma-separated list of {cast.__name__}, got {text!r}") from err
-
-
 def eval_command(
     checkpoint: Annotated[str, typer.Argument(help=CHECKPOINT_HELP)],
     solvers: Annotated[str, typer.Option(help="comma-separated solver names (see `fewstep solvers`)")] = "ddim,dpmpp_2m,heun",
     nfe: Annotated[str, typer.Option(help="comma-separated NFE budgets")] = "5,10,20,50",
-    n: Annotated[int, typer.Option(help="samples per cell")] = 1000,
-    seed: Annotated[int, typer.Option(help="seed of the shared starting noise")] = 0,
-    schedule: Annotated[str | None, typer.Option(help="time grid (default: the process's own)")] = None,
+    n: Annotated[int, typer.Option(min=10, help="samples per cell")] = 1000,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="seed of the shared starting noise")] = 0,
+    schedule: Annotated[str | None, typer.Option(help=f"time grid: {', '.join(SCHEDULES)} (default: the process's own)")] = None,
     out: Annotated[Path, typer.Option(help="folder for eval.md, eval.json and fd_vs_nfe.png")] = Path("eval-out"),
 ) -> None:
     """Sample digits with each solver at each NFE budget and report FD, confidence, precision and recall."""
@@ -187,13 +180,15 @@ def eval_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    try:
-        solver_list = _parse_list(solvers, "solvers")
-        nfe_list = _parse_list(nfe, "nfe", int)
+    solver_list = parse_names(solvers, tuple(solver_specs()), "--solvers", "solver")
+    nfe_list = parse_ints(nfe, "--nfe")
+    if schedule is not None:
+        choice(schedule, SCHEDULES, "--schedule")
+    with usage_errors("CHECKPOINT"):
         loaded = load_model(checkpoint)
+    with usage_errors("--nfe"):
         plan_grid(solver_list, nfe_list, loaded.process)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from err
+    writable_dir(out, "--out")
     console = Console()
     table = Table(*COLUMNS, title=f"{checkpoint} ({loaded.prediction} on {loaded.process!r}), n={n}")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -204,10 +199,10 @@ def eval_command(
             table.add_row(*_cells(row))
             progress.update(task, advance=1, description=f"{row.solver} NFE {row.nfe}: FD {row.fd:.2f}")
 
-        rows = evaluate_digits(loaded.model, process=loaded.process, prediction=loaded.prediction, solvers=solver_list,
-                               nfes=nfe_list, n=n, seed=seed, schedule=schedule, on_cell=advance)  # fmt: skip
+        with usage_errors():  # e.g. a grid not defined on this model's process
+            rows = evaluate_digits(loaded.model, process=loaded.process, prediction=loaded.prediction, solvers=solver_list,
+                                   nfes=nfe_list, n=n, seed=seed, schedule=schedule, on_cell=advance)  # fmt: skip
     console.print(table)
-    out.mkdir(parents=True, exist_ok=True)
     header = f"# fewstep eval: {checkpoint}\n\n{loaded.prediction} model on {loaded.process!r}; n={n}, seed={seed}.\n\n"
     atomic_write_text(out / "eval.md", header + markdown_table(rows) + "\nFD by NFE budget:\n\n" + fd_table(rows))
     atomic_write_text(out / "eval.json", json.dumps([asdict(r) for r in rows], indent=1))

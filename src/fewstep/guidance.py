@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+MAX_SCALE = 1e4  # far beyond useful guidance; larger weights overflow float16/32 outputs
+
 ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -54,6 +56,8 @@ class GuidedModel:
         self.model = model
         self.cond, self.uncond = cond, uncond
         self.scale = _check_number("scale", scale)
+        if abs(self.scale) > MAX_SCALE:
+            raise ValueError(f"scale must be a guidance weight with |scale| <= {MAX_SCALE:g}, got scale={scale!r}")
         self.interval = _check_interval(interval)
         self.nfe_per_call = 2
 

@@ -5,8 +5,9 @@ normal increment (W(t_to) - W(t_from)) / sqrt(|t_to - t_from|), shaped like x [b
 Brownian tree" (Gaines & Lyons, "Random generation of stochastic area integrals", SIAM J. Appl. Math. 1994; Li et
 al., "Scalable Gradients for Stochastic Differential Equations", AISTATS 2020; used for SDE samplers by
 k-diffusion, Crowson): W(t_max) - W(t_min) is drawn first, and the value at the midpoint of every interval is
-drawn from the Brownian bridge between its ends, recursively, down to intervals shorter than `tol`; inside the
-last interval W is interpolated linearly (its variance is then short by at most tol / 4).
+drawn from the Brownian bridge between its ends, recursively, down to intervals shorter than `tol` (or, at most
+MAX_DEPTH levels down, intervals with no float64 strictly inside: the depth is bounded whatever `tol`); inside the
+last interval W is interpolated linearly (its variance is then short by at most a quarter of its length).
 
 Each node's normal draw is a pure function of (sample seed, node, element) through a counter-based hash
 (splitmix64 + Box-Muller), so a sample's path does not depend on the batch it is in, on the order of the
@@ -16,13 +17,16 @@ queries or on the step count, and no generator state is carried between calls.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 
+from .checks import check_int, check_real
 from .processes import Process
 
 _MASK64 = (1 << 64) - 1
+MAX_DEPTH = 64  # tree levels at most: 2^-64 of the range is below float64 resolution at its upper end
 
 
 def _signed(c: int) -> int:
@@ -58,6 +62,38 @@ def hashed_normal(seeds: torch.Tensor, node: int, numel: int) -> torch.Tensor:
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
 
 
+def _check_shape(like: torch.Tensor | Sequence[int]) -> tuple[int, ...]:
+    """The shape [batch, ...] of a tensor, or a sequence of integers >= 1, or a ValueError naming `like`."""
+    if isinstance(like, torch.Tensor):
+        shape = tuple(like.shape)
+    elif isinstance(like, Sequence) and not isinstance(like, (str, bytes)):
+        shape = tuple(check_int(n, "like (a shape)", minimum=1) for n in like)
+    else:
+        raise ValueError(f"like must be a tensor or a shape [batch, ...] of integers, got {type(like).__name__}")
+    if len(shape) < 1 or any(n < 1 for n in shape):
+        raise ValueError(f"like must be a tensor or shape [batch, ...] with positive sizes, got {shape}")
+    return shape
+
+
+def _check_seeds(seed: int | Sequence[int], batch: int) -> list[int]:
+    """One int64 seed per sample: seed + b for one int, or the sequence itself (one per sample)."""
+    if isinstance(seed, bool):
+        raise TypeError("seed must be an int or a sequence of ints, one per sample")
+    if isinstance(seed, torch.Tensor) and not seed.is_floating_point() and not seed.is_complex() and seed.dtype != torch.bool:
+        seed = seed.tolist()
+    if isinstance(seed, numbers.Integral):
+        seeds = [int(seed) + b for b in range(batch)]
+    elif isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)):
+        seeds = [check_int(s, "seed", minimum=-(1 << 63), maximum=(1 << 63) - 1) for s in seed]
+        if len(seeds) != batch:
+            raise ValueError(f"seed holds {len(seeds)} seeds but the batch has {batch} samples")
+    else:
+        raise TypeError(f"seed must be an int or a sequence of ints, one per sample, got {type(seed).__name__}")
+    if not -(1 << 63) <= min(seeds) <= max(seeds) < 1 << 63:
+        raise ValueError(f"seeds must lie in the int64 range [-2**63, 2**63 - 1], got seed={seed!r} for {batch} samples")
+    return seeds
+
+
 class BrownianTreeNoise:
     """Per-sample Brownian paths on [t_min, t_max]; `source(x, t_from, t_to)` gives their normalised increment.
 
@@ -75,23 +111,12 @@ class BrownianTreeNoise:
         *,
         tol: float | None = None,
     ):
-        shape = tuple(like.shape) if isinstance(like, torch.Tensor) else tuple(int(n) for n in like)
-        if len(shape) < 1 or any(n < 1 for n in shape):
-            raise ValueError(f"like must be a tensor or shape [batch, ...] with positive sizes, got {shape}")
-        t_min, t_max = float(t_min), float(t_max)
-        if not (math.isfinite(t_min) and math.isfinite(t_max) and t_min < t_max):
-            raise ValueError(f"need finite t_min < t_max, got t_min={t_min}, t_max={t_max}")
-        if isinstance(seed, bool):
-            raise TypeError("seed must be an int or a sequence of ints, one per sample")
-        if isinstance(seed, int):
-            seeds = [seed + b for b in range(shape[0])]
-        else:
-            seeds = [int(s) for s in seed]
-            if len(seeds) != shape[0]:
-                raise ValueError(f"seed holds {len(seeds)} seeds but the batch has {shape[0]} samples")
-        tol = (t_max - t_min) * 1e-9 if tol is None else float(tol)
-        if not tol > 0:
-            raise ValueError(f"tol must be positive, got tol={tol}")
+        shape = _check_shape(like)
+        t_min, t_max = check_real(t_min, "t_min"), check_real(t_max, "t_max")
+        if not (t_min < t_max and math.isfinite(t_max - t_min)):
+            raise ValueError(f"need finite t_min < t_max with a finite difference, got t_min={t_min}, t_max={t_max}")
+        seeds = _check_seeds(seed, shape[0])
+        tol = (t_max - t_min) * 1e-9 if tol is None else check_real(tol, "tol", positive=True)
         self.shape, self.t_min, self.t_max, self.tol = shape, t_min, t_max, tol
         self.seeds = torch.tensor(seeds, dtype=torch.int64)
         self._numel = math.prod(shape[1:])
@@ -116,7 +141,7 @@ class BrownianTreeNoise:
 
     def brownian(self, t: float, device: torch.device | str = "cpu") -> torch.Tensor:
         """W(t) - W(t_min) for every sample, float64 [batch, numel]."""
-        t = float(t)
+        t = check_real(t, "t")
         tol_t = 1e-12 * max(1.0, abs(self.t_max), abs(self.t_min))
         if not self.t_min - tol_t <= t <= self.t_max + tol_t:
             raise ValueError(f"time {t} is outside the Brownian tree's range [{self.t_min}, {self.t_max}]")
@@ -125,8 +150,10 @@ class BrownianTreeNoise:
         w_a = torch.zeros(self.shape[0], self._numel, dtype=torch.float64, device=device)
         w_b = math.sqrt(b - a) * self._node(1, device)
         node = 1
-        while b - a > self.tol:
+        for _ in range(MAX_DEPTH):
             m = 0.5 * (a + b)
+            if not (b - a > self.tol and a < m < b):  # resolution reached, or no float64 strictly between a and b
+                break
             w_m = 0.5 * (w_a + w_b) + 0.5 * math.sqrt(b - a) * self._node(2 * node, device)
             if t < m:
                 b, w_b, node = m, w_m, 2 * node
@@ -139,7 +166,7 @@ class BrownianTreeNoise:
         """(W(t_to) - W(t_from)) / sqrt(|t_to - t_from|), standard normal, shaped like x."""
         if tuple(x.shape) != self.shape:
             raise ValueError(f"the Brownian tree was made for shape {self.shape}, got x of shape {tuple(x.shape)}")
-        dt = abs(float(t_to) - float(t_from))
+        dt = abs(check_real(t_to, "t_to") - check_real(t_from, "t_from"))
         if dt == 0:
             raise ValueError("t_from and t_to must differ")
         dw = self.brownian(t_to, x.device) - self.brownian(t_from, x.device)

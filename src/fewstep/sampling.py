@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
+from .checks import check_steps
 from .grids import ScheduleLike, time_grid
-from .parameterization import Denoiser, Model, check_prediction
+from .parameterization import Coefficients, Denoiser, Model, check_convertible, check_prediction
 from .processes import Process
 from .solvers import Run, get_solver, solver_specs
 
@@ -63,18 +64,22 @@ def sample(
     check_prediction(prediction)
     if x0_fn is not None and not callable(x0_fn):
         raise TypeError(f"x0_fn must be None or a callable x0 -> x0 (e.g. fewstep.StaticClipping()), got {type(x0_fn).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got steps={steps!r}")
-    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.ndim < 1:
-        raise TypeError("noise must be a floating-point tensor of shape [batch, ...]")
-    t_start = process.check_time(process.t_max if t_start is None else t_start, "t_start")
-    t_end = process.check_time(process.t_min if t_end is None else t_end, "t_end")
-    if not t_start > t_end:
-        raise ValueError(f"need t_start > t_end (sampling runs from noise to data), got t_start={t_start}, t_end={t_end}")
-    ts = time_grid(process, steps, t_start, t_end, schedule)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be None or a callable taking a dict, got {type(callback).__name__}")
+    if not callable(model):
+        raise TypeError(f"model must be a callable model(x, t) -> Tensor, got {type(model).__name__}")
+    steps = check_steps(steps)
+    _check_noise(noise)
+    _check_generator(generator, noise.shape[0])
+    for name, flag in (("denoise_to_zero", denoise_to_zero), ("progress", progress), ("differentiable", differentiable)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {name}={flag!r}")
+    t_start = process.t_max if t_start is None else t_start
+    t_end = process.t_min if t_end is None else t_end
+    ts = time_grid(process, steps, t_start, t_end, schedule)  # validates the times, their order and the grid
     sigma_end = float(process.sigma(float(ts[-1])))
     final_denoise = denoise_to_zero and sigma_end > 0
-    denoiser = Denoiser(model, process, prediction, x0_fn=x0_fn)
+    denoiser = Denoiser(model, process, prediction, x0_fn=x0_fn, solver=solver)
     run = Run(
         denoiser,
         ts,
@@ -83,11 +88,53 @@ def sample(
         callback=callback,
         progress=progress,
     )
+    _check_evaluation_times(run, prediction, final_denoise)
     with torch.enable_grad() if differentiable else torch.no_grad():
         x = run.sigma[0] * noise
         x = spec.fn(run, x, **options)
         if final_denoise:
+            denoiser.step = run.steps
             x = run.denoise(x, run.steps).x0
+        denoiser.flag_state(x, run.steps, run.t[-1])
     denoiser.raise_if_not_finite()
     x.nfe = denoiser.nfe
     return x
+
+
+def _check_noise(noise: torch.Tensor) -> None:
+    """noise: a finite floating-point tensor [batch, ...] with batch >= 1 (one host sync, before sampling)."""
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.ndim < 1:
+        got = f"a {noise.dtype} tensor of shape {tuple(noise.shape)}" if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise TypeError(f"noise must be a floating-point tensor of shape [batch, ...], got {got}")
+    if noise.shape[0] == 0 or noise.numel() == 0:
+        raise ValueError(f"noise must hold at least one sample with at least one value, got shape {tuple(noise.shape)}")
+    if not bool(torch.isfinite(noise.detach()).all()):
+        raise ValueError("noise contains NaN or Inf: sampling needs finite standard normal noise (the model was not called)")
+
+
+def _check_generator(generator: Any, batch: int) -> None:
+    """generator: None, a torch.Generator, a list of `batch` generators, or a noise source callable(x, t_from, t_to)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(f"generator as a list must hold one torch.Generator per sample ({batch}), got {len(generator)}")
+        return
+    if not callable(generator):
+        raise TypeError(
+            "generator must be None, a torch.Generator, a list of per-sample generators or a noise source "
+            f"callable(x, t_from, t_to); got {type(generator).__name__}"
+        )
+
+
+def _check_evaluation_times(run: Run, prediction: str, final_denoise: bool) -> None:
+    """Reject up front a prediction that cannot give (x0, eps) at a grid time where the solvers evaluate the model.
+
+    Solvers evaluate at the grid points 0..steps-1 (and at steps with the final denoising); off-grid stage times lie
+    strictly inside a step, where alpha and sigma are positive.
+    """
+    last = run.steps if final_denoise else run.steps - 1
+    for i in range(last + 1):
+        name = "t_start" if i == 0 else "t_end" if i == run.steps else f"schedule[{i}]"
+        c = Coefficients(run.alpha[i], run.sigma[i], run.dalpha[i], run.dsigma[i])
+        check_convertible(prediction, run.process, run.t[i], name, c)

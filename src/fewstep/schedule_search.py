@@ -21,7 +21,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -102,15 +102,52 @@ class SearchedSchedule:
             "history": self.history,
         }
 
+    _FIELD_TYPES: ClassVar[dict[str, tuple[type, ...]]] = {
+        "times": (list,),
+        "process": (str,),
+        "solver": (str,),
+        "nfe": (int,),
+        "steps": (int,),
+        "prediction": (str,),
+        "denoise_to_zero": (bool,),
+        "solver_options": (dict,),
+        "init": (str,),
+        "error_init": (int, float),
+        "error": (int, float),
+        "history": (list,),
+    }
+
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SearchedSchedule:
+    def from_dict(cls, data: dict[str, Any], source: str = "searched schedule") -> SearchedSchedule:
+        """The schedule `to_dict` wrote; ValueError naming `source` (the file) and the key when it is malformed."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: must hold a JSON object, got {type(data).__name__}")
         if data.get("format") != FORMAT:
-            raise ValueError(f"not a searched schedule: format={data.get('format')!r}, expected {FORMAT!r}")
+            raise ValueError(f"{source}: not a searched schedule: format={data.get('format')!r}, expected {FORMAT!r}")
         fields = {k: v for k, v in data.items() if k != "format"}
-        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        unknown = sorted(set(fields) - set(cls._FIELD_TYPES))
         if unknown:
-            raise ValueError(f"searched schedule has unknown field(s) {', '.join(unknown)}")
-        return cls(**fields)
+            raise ValueError(f"{source}: searched schedule has unknown field(s) {', '.join(unknown)}")
+        for key in ("times", "process", "solver", "nfe", "steps"):
+            if key not in fields:
+                raise ValueError(f"{source}: key {key!r} is missing")
+        for key, value in fields.items():
+            kinds = cls._FIELD_TYPES[key]
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                names = " or ".join(k.__name__ for k in kinds)
+                raise ValueError(f"{source}: key {key!r} must be {names}, got {type(value).__name__} {str(value)[:40]}")
+        for key in ("times", "history"):
+            values = fields.get(key, [])
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise ValueError(f"{source}: key {key!r} must be a list of numbers")
+        if not all(math.isfinite(v) for v in fields["times"]):
+            raise ValueError(f"{source}: key 'times' must hold finite numbers")
+        if fields["steps"] < 1 or fields["nfe"] < 1:
+            raise ValueError(f"{source}: keys 'steps' and 'nfe' must be >= 1, got {fields['steps']} and {fields['nfe']}")
+        try:
+            return cls(**fields)
+        except ValueError as err:
+            raise ValueError(f"{source}: key 'times': {err}") from err
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically (a temporary file in the same folder, then os.replace)."""
@@ -123,7 +160,12 @@ class SearchedSchedule:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SearchedSchedule:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a schedule `save` wrote; ValueError naming the file (and the key) when it is not one."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"searched schedule file {path} is not valid JSON: {err}") from err
+        return cls.from_dict(data, f"searched schedule file {path}")
 
 
 class _Warp:
@@ -210,11 +252,18 @@ def optimize_schedule(
     check_prediction(prediction)
     if not isinstance(process, Process):
         raise TypeError(f"process must be a fewstep Process (e.g. fewstep.EDM()), got {type(process).__name__}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters must be an integer >= 0, got iters={iters!r}")
-    for name, value in (("lr", lr), ("fd_step", fd_step)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a positive number, got {name}={value!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or not 0 <= iters <= 100_000:
+        raise ValueError(f"iters must be an integer >= 0 and <= 100000, got iters={iters!r}")
+    for name, value, high in (("lr", lr, 10.0), ("fd_step", fd_step, 1.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= high:
+            raise ValueError(f"{name} must be a positive number <= {high}, got {name}={value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got seed={seed!r}")
+    if not isinstance(denoise_to_zero, bool):
+        raise ValueError(f"denoise_to_zero must be True or False, got denoise_to_zero={denoise_to_zero!r}")
+    if not callable(model):
+        raise TypeError(f"model must be a callable model(x, t) -> Tensor, got {type(model).__name__}")
+    get_solver(reference_solver)
     if not isinstance(calibration_noise, torch.Tensor) or not calibration_noise.is_floating_point():
         raise TypeError("calibration_noise must be a floating-point tensor of shape [batch, ...]")
     t_start = process.check_time(process.t_max if t_start is None else t_start, "t_start")
@@ -232,6 +281,8 @@ def optimize_schedule(
             f"reference must be a tensor shaped like calibration_noise {tuple(calibration_noise.shape)}, "
             f"got {tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference).__name__}"
         )
+    elif not reference.is_floating_point() or not bool(torch.isfinite(reference).all()):
+        raise ValueError("reference must be a finite floating-point tensor (no NaN or Inf)")
 
     def error_of(times: torch.Tensor) -> float:
         generator = torch.Generator().manual_seed(seed) if spec.stochastic else None

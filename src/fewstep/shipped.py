@@ -38,8 +38,10 @@ def load_model(name_or_path: str | Path):
 def export(checkpoint: str | Path, name: str, out_dir: Path = ASSETS, train_seconds: float | None = None) -> Path:
     """Write the EMA weights and config of a training checkpoint as `<out_dir>/<name>.json` + weights (no optimizer
     state, no loss history); returns the JSON path."""
+    from .io import check_file_name
     from .train.checkpoint import save_checkpoint
 
+    check_file_name(name, "NAME (the shipped model's name)")  # "../x" or "/x" would write outside out_dir
     loaded = load_model(checkpoint)
     extra = {"source": str(checkpoint), "train_steps": loaded.step}
     if train_seconds is not None:
@@ -56,7 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     cmd.add_argument("--out-dir", type=Path, default=ASSETS)
     cmd.add_argument("--train-seconds", type=float, default=None)
     args = parser.parse_args(argv)
-    path = export(args.checkpoint, args.name, args.out_dir, args.train_seconds)
+    from .train.checkpoint import CheckpointError
+
+    try:
+        path = export(args.checkpoint, args.name, args.out_dir, args.train_seconds)
+    except (ValueError, CheckpointError) as err:
+        parser.error(str(err))  # one line, exit code 2
     print(json.dumps({"json": str(path), "weights": json.loads(path.read_text())["weights"]}))
 
 

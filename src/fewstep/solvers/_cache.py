@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, check_file_name
 
 
 class CacheError(ValueError):
@@ -26,6 +26,15 @@ def tensor_digest(t: torch.Tensor) -> list:
     """[shape, dtype, sha256 of the bytes] of a tensor: identifies calibration data in a cache key."""
     raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return [list(t.shape), str(t.dtype), hashlib.sha256(raw).hexdigest()]
+
+
+def check_model_name(model_name: object, in_file_name: bool) -> str | None:
+    """`model_name` (None or a string); a plain name (no folder part, no '..') when it becomes part of a file name."""
+    if model_name is None:
+        return None
+    if not isinstance(model_name, str):
+        raise ValueError(f"model_name must be a string naming the model, got {type(model_name).__name__}")
+    return check_file_name(model_name, "model_name") if in_file_name else model_name
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

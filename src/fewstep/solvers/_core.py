@@ -101,6 +101,7 @@ class Run:
         self.generator = generator
         self.callback = callback
         self.progress = progress
+        denoiser.step = 0  # evaluations before a solver's loop (a multistep start) belong to step 0
 
     def denoise(self, x: torch.Tensor, i: int) -> Prediction:
         """Network evaluation at grid point i."""
@@ -118,7 +119,7 @@ class Run:
 
             bar = tqdm(total=self.steps, desc="sampling", unit="step")
         for i in range(self.steps):
-            self.denoiser.step = i
+            self.begin_step(i)
             yield i
             if bar is not None:
                 bar.update(1)
@@ -126,8 +127,13 @@ class Run:
         if bar is not None:
             bar.close()
 
+    def begin_step(self, i: int) -> None:
+        """Mark step i as in progress (for error messages); `range` does this, solvers with their own loop call it."""
+        self.denoiser.step = i
+
     def report(self, i: int, x: torch.Tensor, prediction: Prediction | None) -> None:
-        """Call the user's callback after step i (x is now at time t[i + 1])."""
+        """After step i (x is now at time t[i + 1]): record whether x is finite (no sync) and call the user's callback."""
+        self.denoiser.flag_state(x, i, self.t[i + 1])
         if self.callback is not None:
             self.callback(
                 {

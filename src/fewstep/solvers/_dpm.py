@@ -86,7 +86,7 @@ def sde_noise_scale(s: Node, t: Node) -> float:
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     """Raise a ValueError naming the option and its allowed values when value is not one of them."""
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name}={value!r} is not known; allowed values: {', '.join(allowed)}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 
@@ -15,7 +16,7 @@ def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
 
 def check_number(name: str, value: object, low: float = -math.inf, high: float = math.inf, *, finite: bool = True) -> float:
     """`value` must be a real number with low <= value <= high (and finite unless finite=False)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
     if ok and finite:
         ok = math.isfinite(value)
     if not ok or not low <= value <= high:
@@ -25,6 +26,6 @@ def check_number(name: str, value: object, low: float = -math.inf, high: float =
 
 def check_int(name: str, value: object, low: int, high: int) -> int:
     """`value` must be an int with low <= value <= high."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
         raise ValueError(f"{name} must be an integer in [{low}, {high}], got {name}={value!r}")
-    return value
+    return int(value)

@@ -29,12 +29,13 @@ import torch
 from ..grids import Schedule, time_grid
 from ..parameterization import Model
 from ..processes import Process
-from ._cache import CacheError, digest, read_json, tensor_digest, write_json
+from ._cache import CacheError, check_model_name, digest, read_json, tensor_digest, write_json
 from ._core import Run, register
 from ._lagrange import combine, data_step, weights
 from ._options import check_int
 
 MAX_ORDER = 3
+MAX_RATIO = 100.0  # a compensation ratio far from 1 extrapolates the data prediction by a huge polynomial
 
 
 def lagrange_at(times: list[float], tau: float) -> list[float]:
@@ -103,8 +104,8 @@ def _check_ratios(ratios: Any, steps: int) -> Sequence[float] | RatioSearch:
         ratios = ratios.tolist()
     if not isinstance(ratios, Sequence) or len(ratios) != steps:
         raise ValueError(f"ratios must be a sequence of {steps} floats (one per step, from fewstep.dc_calibrate), got {ratios!r}")
-    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in ratios):
-        raise ValueError(f"ratios must be finite numbers, got {ratios!r}")
+    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and abs(r) <= MAX_RATIO for r in ratios):  # NaN fails
+        raise ValueError(f"ratios must be finite numbers with |ratio| <= {MAX_RATIO} (about 1), got ratios={ratios!r}")
     return [float(r) for r in ratios]
 
 
@@ -199,6 +200,7 @@ def dc_calibrate(
         raise ValueError(f"ratio_range must be (low, high) with low < 1 < high, got ratio_range={ratio_range!r}")
     if cache_dir is not None and model_name is None:
         raise ValueError("model_name is needed to cache ratios on disk (cache_dir is set): name the model")
+    check_model_name(model_name, in_file_name=False)  # the file name is a digest of the key
     t_start = process.check_time(process.t_max if t_start is None else t_start, "t_start")
     t_end = process.check_time(process.t_min if t_end is None else t_end, "t_end")
     ts = time_grid(process, steps, t_start, t_end, schedule)
@@ -220,7 +222,8 @@ def dc_calibrate(
         return list(_MEMORY[name])
     if path is not None and path.exists():
         ratios = read_json(path, key).get("ratios")
-        if not isinstance(ratios, list) or len(ratios) != steps or not all(isinstance(r, float) for r in ratios):
+        valid = isinstance(ratios, list) and len(ratios) == steps
+        if not valid or not all(isinstance(r, float) and math.isfinite(r) for r in ratios):
             raise CacheError(f"cache file {path} holds no valid list of {steps} ratios; delete it to recompute")
         _MEMORY[name] = ratios
         return list(ratios)

@@ -91,6 +91,7 @@ def singlestep(run: Run, x: torch.Tensor, *, order: int, kind: str, solver_type:
     check_choice("intermediate", intermediate, INTERMEDIATES)
     i = 0
     while i < run.steps:
+        run.begin_step(i)
         pred = run.denoise(x, i)
         if intermediate == "grid":
             g = _group_size(run, i, order)
@@ -103,6 +104,7 @@ def singlestep(run: Run, x: torch.Tensor, *, order: int, kind: str, solver_type:
             x = singlestep_update(run, x, pred, nodes, kind, solver_type)
         i += g
         run.report(i - 1, x, pred)
+    run.begin_step(run.steps)
     return x
 
 

@@ -42,7 +42,7 @@ import torch
 from ..io import atomic_write_bytes
 from ..parameterization import Denoiser, Model
 from ..processes import Process
-from ._cache import CacheError, digest, tensor_digest
+from ._cache import CacheError, check_model_name, digest, tensor_digest
 from ._core import Run, register
 from ._options import check_int
 
@@ -140,6 +140,7 @@ def v3_statistics(
     probes = check_int("probes", probes, 1, 1000)
     if cache_dir is not None and model_name is None:
         raise ValueError("model_name is needed to cache statistics on disk (cache_dir is set): name the model")
+    check_model_name(model_name, in_file_name=cache_dir is not None)  # "../x" would leave cache_dir
     lo, hi = log_snr_range or _default_range(process)
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"log_snr_range must be finite (low, high) with low < high, got {(lo, hi)!r}")

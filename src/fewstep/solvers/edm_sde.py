@@ -51,8 +51,10 @@ def edm_sde(
     """EDM Algorithm 2: churn, then Heun; about 2 evaluations per step (1 on the last step to sigma = 0)."""
     s_churn = check_number("s_churn", s_churn, 0.0)
     s_tmin = check_number("s_tmin", s_tmin, 0.0, finite=False)
-    s_tmax = check_number("s_tmax", s_tmax, s_tmin, finite=False)
-    s_noise = check_number("s_noise", s_noise, 0.0)
+    s_tmax = check_number("s_tmax", s_tmax, 0.0, finite=False)
+    if s_tmin > s_tmax:
+        raise ValueError(f"s_tmax must be >= s_tmin (the churned range of sigma/alpha), got s_tmin={s_tmin}, s_tmax={s_tmax}")
+    s_noise = check_number("s_noise", s_noise, 0.0, 10.0)
     churn = churned_points(run, min(s_churn / run.steps, math.sqrt(2.0) - 1.0), s_tmin, s_tmax)
     for i in run.range():
         if churn[i] is None:

@@ -16,7 +16,7 @@ from ._options import check_number
 def euler_ancestral(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     """Euler ancestral: one evaluation per step; eta >= 0 sets the noise (0 gives DDIM), s_noise scales it."""
     eta = check_number("eta", eta, 0.0)
-    s_noise = check_number("s_noise", s_noise, 0.0)
+    s_noise = check_number("s_noise", s_noise, 0.0, 10.0)
     for i in run.range():
         pred = run.denoise(x, i)
         eps_coef, noise_std = eta_coefficients(run, i, eta)

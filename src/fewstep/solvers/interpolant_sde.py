@@ -18,7 +18,7 @@ from .euler_maruyama import reverse_sde_step
 @register("interpolant_sde", order=1, stochastic=True)
 def interpolant_sde(run: Run, x: torch.Tensor, *, diffusion: float = 1.0) -> torch.Tensor:
     """Euler-Maruyama on the interpolant SDE with eps(t) = diffusion * sigma(t); one evaluation per step."""
-    diffusion = check_number("diffusion", diffusion, 0.0)
+    diffusion = check_number("diffusion", diffusion, 0.0, 1000.0)
     for i in run.range():
         pred = run.denoise(x, i)
         x = reverse_sde_step(run, i, x, pred, diffusion * run.sigma[i])

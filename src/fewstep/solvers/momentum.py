@@ -28,6 +28,7 @@ from ._lagrange import combine, data_step, weights
 from ._options import check_int
 
 MAX_GHVB_ORDER = 4
+MIN_DAMPING = 1e-3  # GHVB weights grow like 1 / beta
 
 
 def _check_beta(beta: float) -> float:
@@ -62,10 +63,16 @@ def hb(run: Run, x: torch.Tensor, *, beta: float = 0.8, order: int = 2) -> torch
 
 def ghvb_split(order: float) -> tuple[int, float]:
     """Momentum number r -> (method order k = ceil(r), damping beta = r - (k - 1))."""
-    if isinstance(order, bool) or not isinstance(order, (int, float)) or not 0 < order <= MAX_GHVB_ORDER:
+    if isinstance(order, bool) or not isinstance(order, (int, float)) or not 0 < order <= MAX_GHVB_ORDER:  # NaN fails
         raise ValueError(f"order must be a momentum number in (0, {MAX_GHVB_ORDER}] (e.g. 1.5, 2.8), got order={order!r}")
     k = math.ceil(order)
-    return k, float(order) - (k - 1)
+    beta = float(order) - (k - 1)
+    if k >= 2 and beta < MIN_DAMPING:
+        raise ValueError(
+            f"order={order!r} is too close above the integer {k - 1}: its damping {beta:.3g} < {MIN_DAMPING} makes the "
+            f"weights overflow; use order={k - 1} or order >= {k - 1 + MIN_DAMPING}"
+        )
+    return k, beta
 
 
 def ghvb_weights(base: list[float], beta: float) -> list[float]:

@@ -2,13 +2,18 @@
 
 Song et al., "Score-Based Generative Modeling through Stochastic Differential Equations", ICLR 2021, Algorithms 2-4:
 the corrector runs `corrector_steps` Langevin MCMC steps x <- x + e score + sqrt(2 e) z on p_t with step size
-e = 2 (snr ||z|| / ||score||)^2 (without the VP factor alpha_i of the paper's Algorithm 4). `norms="batch"` averages
-the norms over the batch, as the paper's code does; `norms="sample"` takes each sample's own norms, so that a sample
-does not depend on its batch (fine in high dimension; in very low dimension ||z|| / ||score|| is heavy-tailed and
-the steps become erratic). The predictor is Euler-Maruyama on the reverse SDE ("euler_maruyama") or the
+e = 2 (snr ||z|| / ||score||)^2 (without the VP factor alpha_i of the paper's Algorithm 4). The norms: `norms="expected"`
+(default) replaces both by their values for standard normal noise and a noise prediction of unit size per coordinate,
+||z|| = sqrt(D), ||score|| = sqrt(D) / sigma_i, so e = 2 (snr sigma_i)^2: the same for every sample, so that a sample
+never depends on its batch, and stable in any dimension. `norms="batch"` averages the measured norms over the batch,
+as the paper's code does (a sample then depends on its batch); `norms="sample"` takes each sample's own norms (batch
+invariant too, fine in high dimension; in very low dimension ||z|| / ||score|| is heavy-tailed and the steps become
+erratic). The predictor is Euler-Maruyama on the reverse SDE ("euler_maruyama") or the
 DDPM ancestral step ("ddpm", the reverse-diffusion predictor's analogue). NFE per step: corrector_steps + 1.
 x [batch, ...].
 """
+
+import math
 
 import torch
 
@@ -19,7 +24,7 @@ from .ddpm import ddpm_step
 from .euler_maruyama import reverse_sde_step, sde_diffusion
 
 PREDICTORS = ("euler_maruyama", "ddpm")
-NORMS = ("batch", "sample")
+NORMS = ("expected", "batch", "sample")
 
 
 def _norm(v: torch.Tensor, norms: str) -> torch.Tensor:
@@ -31,9 +36,12 @@ def _norm(v: torch.Tensor, norms: str) -> torch.Tensor:
 def langevin_step(
     run: Run, i: int, x: torch.Tensor, pred: Prediction, snr: float, norms: str, part: int, parts: int
 ) -> torch.Tensor:
-    """One Langevin step on p_{t_i}: x + e score + sqrt(2 e) z, e = 2 (snr ||z|| / ||score||)^2."""
+    """One Langevin step on p_{t_i}: x + e score + sqrt(2 e) z, e = 2 (snr ||z|| / ||score||)^2 (norms: module doc)."""
     z = run.noise_like(x, i, part, parts)
     score = pred.eps * (-1.0 / run.sigma[i])
+    if norms == "expected":
+        step = 2.0 * (snr * run.sigma[i]) ** 2
+        return x + step * score + math.sqrt(2.0 * step) * z
     ratio = _norm(z, norms) / _norm(score, norms).clamp_min(torch.finfo(x.dtype).tiny)
     step = 2.0 * (snr * ratio) ** 2
     return x + step * score + torch.sqrt(2.0 * step) * z
@@ -54,10 +62,10 @@ def pc(
     snr: float = 0.16,
     corrector_steps: int = 1,
     predictor: str = "euler_maruyama",
-    norms: str = "batch",
+    norms: str = "expected",
 ) -> torch.Tensor:
     """Predictor-corrector: `corrector_steps` Langevin steps with signal-to-noise ratio `snr`, then one predictor step."""
-    snr = check_number("snr", snr, 0.0)
+    snr = check_number("snr", snr, 0.0, 10.0)
     corrector_steps = check_int("corrector_steps", corrector_steps, 0, 1000)
     check_choice("predictor", predictor, PREDICTORS)
     check_choice("norms", norms, NORMS)

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from ..parameterization import Coefficients, ModelError, Prediction, to_x0_eps
+from ..parameterization import Prediction
 from ._core import Run, register
 from ._lagrange import data_step
 from ._options import check_choice, check_int, check_number
@@ -55,14 +55,9 @@ def select(x: torch.Tensor, log_snrs: torch.Tensor, alphas: torch.Tensor, sigmas
     return (var[:, None] - expected[None, :]).abs().argmin(dim=1)
 
 
-def denoise_per_sample(run: Run, x: torch.Tensor, t: torch.Tensor) -> Prediction:
-    """One network evaluation with a per-sample time vector t [batch] (float64), converted to (x0, eps)."""
-    denoiser = run.denoiser
-    out = denoiser.model(x, t.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
-    denoiser.nfe += getattr(denoiser.model, "nfe_per_call", 1)
-    if not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype:
-        raise ModelError(f"the model must return a tensor of shape {tuple(x.shape)} and dtype {x.dtype}")
-    return Prediction(*to_x0_eps(out, denoiser.prediction, x, Coefficients.of(run.process, t, x)))
+def denoise_per_sample(run: Run, x: torch.Tensor, t: torch.Tensor, i: int) -> Prediction:
+    """One checked network evaluation with a per-sample time vector t [batch] (float64) near grid point i."""
+    return run.denoiser.at_times(x, t, run.t[i])
 
 
 def _expm1(z: float | torch.Tensor) -> float | torch.Tensor:
@@ -94,9 +89,9 @@ def time_shift(
 ) -> torch.Tensor:
     """Time-Shift Sampler on DDIM or DPM-Solver++(2M): per-sample network time matched to the sample variance."""
     check_choice("base", base, BASES)
-    window = check_number("window", window, 0.0)
+    window = check_number("window", window, 0.0, 100.0)
     candidates = check_int("candidates", candidates, 2, 1001)
-    data_var = check_number("data_var", data_var, 0.0)
+    data_var = check_number("data_var", data_var, 0.0, 1e6)
     if cutoff is not None:
         cutoff = check_number("cutoff", cutoff)
     order = 2 if base == "dpmpp_2m" else 1
@@ -117,7 +112,7 @@ def time_shift(
                 pred, lam = run.denoise(x, i), run.log_snr[i]
             else:
                 idx = select(x, cand.lam, cand.alpha, cand.sigma, data_var)
-                pred = denoise_per_sample(run, x, cand.t[idx])
+                pred = denoise_per_sample(run, x, cand.t[idx], i)
                 lam = cand.lam[idx].reshape((-1,) + (1,) * (x.ndim - 1))
             x_next = run.ddim_step(i, pred)  # DDIM from the (shifted) time: alpha_{i+1} x0 + sigma_{i+1} eps
             if k == 2:  # plus the DPM-Solver++(2M) term with the (shifted) log-SNRs of this and the last evaluation

@@ -8,32 +8,39 @@ Layout for `save_checkpoint("run/checkpoint", ...)`:
   hyper-parameters and non-tensor state.
 Each file is written to a temporary name, fsync'ed and moved into place with `os.replace`; the JSON goes last and
 the weights file name carries the step, so a crash at any point leaves the previous checkpoint readable. A
-truncated or altered weights file is detected from the size and checksum in the JSON.
+truncated or altered weights file is detected from the size and checksum in the JSON. The sidecar's "weights"
+must be a plain file name in the sidecar's folder (no "..", no folder part, no symlink leading out); a save deletes
+only this checkpoint's own earlier weights files (`<stem>-<step>[-n].safetensors` in its folder, not named by another
+sidecar there), after the new sidecar is in place, so a reader racing a save finds the weights its sidecar names (and
+`read_checkpoint` re-reads the sidecar if they vanished or changed in between).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
-from ..io import atomic_write, atomic_write_text
+from ..io import atomic_write, atomic_write_text, check_file_name
 from ..nets import DiffusionModel, build_model
 from ..processes import Process
 from .process_config import build_process, process_config
 
 FORMAT = "fewstep-checkpoint"
 VERSION = 1
+_READ_ATTEMPTS = 5  # sidecar re-reads when saves keep replacing the weights under a reader
 
 
 class CheckpointError(RuntimeError):
@@ -56,6 +63,15 @@ class LoadedCheckpoint:
 # Paths and atomic files ---------------------------------------------------------------------------------------
 
 
+def _sidecar_weights(json_path: Path) -> str | None:
+    """The "weights" name a JSON file holds, or None when it is unreadable or holds none (no errors raised)."""
+    with contextlib.suppress(OSError, ValueError):
+        meta = json.loads(json_path.read_text())
+        if isinstance(meta, dict) and isinstance(meta.get("weights"), str):
+            return meta["weights"]
+    return None
+
+
 def sidecar_path(path: str | os.PathLike) -> Path:
     """The JSON sidecar of a checkpoint given as a .json path, a stem, a directory or a weights file."""
     p = Path(path)
@@ -65,11 +81,42 @@ def sidecar_path(path: str | os.PathLike) -> Path:
         return p / "checkpoint.json"
     if p.suffix == ".safetensors":
         for candidate in sorted(p.parent.glob("*.json")):
-            with contextlib.suppress(OSError, ValueError):
-                if json.loads(candidate.read_text()).get("weights") == p.name:
-                    return candidate
+            if _sidecar_weights(candidate) == p.name:
+                return candidate
         raise CheckpointError(f"no JSON sidecar in {p.parent} refers to the weights file {p.name}")
     return p.with_name(p.name + ".json")
+
+
+def weights_path(json_path: Path, name: Any) -> Path:
+    """The weights file a sidecar names: a plain file name resolving inside the sidecar's folder (else CheckpointError)."""
+    try:
+        check_file_name(name, "key 'weights'")
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint sidecar {json_path}: {err}") from None
+    weights = json_path.parent / name
+    if weights.resolve().parent != json_path.parent.resolve():
+        raise CheckpointError(
+            f"checkpoint sidecar {json_path}: key 'weights' names {name!r}, a link that leads out of the checkpoint's folder"
+        )
+    return weights
+
+
+def _own_weights(json_path: Path) -> re.Pattern[str]:
+    """The names of this checkpoint's weights files: <stem>-<step, 8+ digits>[-n].safetensors."""
+    return re.compile(re.escape(json_path.stem) + r"-\d{8,}(-\d+)?\.safetensors")
+
+
+def _remove_stale_weights(json_path: Path, keep: str) -> None:
+    """Delete this checkpoint's earlier weights files in its folder (not `keep`, nor any named by another sidecar)."""
+    pattern = _own_weights(json_path)
+    stale = [p for p in json_path.parent.iterdir() if p.name != keep and pattern.fullmatch(p.name)]
+    if not stale:
+        return
+    others = {_sidecar_weights(j) for j in json_path.parent.glob("*.json") if j.name != json_path.name}
+    for p in stale:
+        if p.name not in others and not p.is_symlink() and p.is_file():
+            with contextlib.suppress(OSError):  # e.g. still open by a reader on Windows: removed by the next save
+                p.unlink()
 
 
 def file_digest(path: Path) -> str:
@@ -80,35 +127,116 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def require(data: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """`data[key]` (a dotted key "extra.sampler_pos" goes into nested objects) when it is of type `kind` (a bool is
+    no int); else CheckpointError naming `where` (the file) and the key."""
+    value = data
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise CheckpointError(f"{where}: key {key!r} is missing")
+        value = value[part]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join("a number" if k is float else k.__name__ for k in kinds)
+        raise CheckpointError(f"{where}: key {key!r} must be {names}, got {_short(value)}")
+    return value
+
+
 # RNG states ----------------------------------------------------------------------------------------------------
 
 
-def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
-    """JSON-able RNG states: torch's global generator, numpy's global generator, and named torch generators."""
+def _is_cuda(device: str | torch.device | None) -> bool:
+    return device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def _cuda_index(device: str | torch.device) -> int:
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
+def capture_rng(generators: dict[str, torch.Generator] | None = None, device: str | torch.device | None = None) -> dict[str, Any]:
+    """JSON-able RNG states: torch's global generator, numpy's global generator, named torch generators, and, when
+    `device` is a CUDA device, that device's generator (dropout on the GPU draws from it)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "torch": _b64(torch.get_rng_state()),
         "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
     }
+    if _is_cuda(device):  # only this process's device: in a DDP run rank r draws from cuda:r, all ranks alike
+        state["cuda"] = _b64(torch.cuda.get_rng_state(_cuda_index(device)))
     for name, gen in (generators or {}).items():
-        state[f"generator.{name}"] = base64.b64encode(gen.get_state().numpy().tobytes()).decode()
+        state[f"generator.{name}"] = _b64(gen.get_state())
     return state
 
 
+def _b64(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
 def _bytes_tensor(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(base64.b64decode(text, validate=True)), dtype=torch.uint8)
 
 
-def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
-    """Restore what `capture_rng` captured (the named generators must be passed again)."""
-    torch.set_rng_state(_bytes_tensor(state["torch"]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+def _rng_bytes(state: dict[str, Any], key: str, like: torch.Tensor, where: str) -> torch.Tensor:
+    """The decoded generator state `state[key]`, checked to have the length of the current state `like`."""
+    text = state.get(key)
+    if not isinstance(text, str):
+        raise CheckpointError(f"{where}: key 'rng.{key}' must be a base64 string, got {_short(text)}")
+    try:
+        value = _bytes_tensor(text)
+    except (ValueError, binascii.Error) as err:
+        raise CheckpointError(f"{where}: key 'rng.{key}' is not valid base64 ({err})") from None
+    if value.numel() != like.numel():
+        raise CheckpointError(f"{where}: key 'rng.{key}' holds {value.numel()} bytes, a generator state has {like.numel()}")
+    return value
+
+
+def _numpy_state(state: dict[str, Any], where: str) -> tuple:
+    n = require({"rng": state}, "rng.numpy", dict, where)
+    try:
+        out = (n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"])
+        np.random.RandomState().set_state(out)  # validates without touching the global generator
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
+        raise CheckpointError(f"{where}: key 'rng.numpy' is not a numpy generator state ({type(err).__name__}: {err})") from None
+    return out
+
+
+def restore_rng(
+    state: dict[str, Any],
+    generators: dict[str, torch.Generator] | None = None,
+    device: str | torch.device | None = None,
+    where: str = "checkpoint",
+) -> None:
+    """Restore what `capture_rng` captured (the named generators and the device must be passed again).
+
+    Everything is checked before anything is set (CheckpointError naming `where` and the key). A CUDA state is
+    restored only when `device` is a CUDA device (a checkpoint written on CPU resumes on CPU unchanged, and a CPU
+    run ignores a CUDA state).
+    """
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: key 'rng' must be an object of generator states, got {_short(state)}")
+    torch_state = _rng_bytes(state, "torch", torch.get_rng_state(), where)
+    numpy_state = _numpy_state(state, where)
+    named = {}
     for name, gen in (generators or {}).items():
         key = f"generator.{name}"
         if key not in state:
-            raise CheckpointError(f"the checkpoint has no state for the RNG {name!r}")
-        gen.set_state(_bytes_tensor(state[key]))
+            raise CheckpointError(f"{where}: the checkpoint has no state for the RNG {name!r} (key 'rng.{key}')")
+        named[name] = _rng_bytes(state, key, gen.get_state(), where)
+    cuda_state = None
+    if _is_cuda(device) and "cuda" in state:
+        cuda_state = _rng_bytes(state, "cuda", torch.cuda.get_rng_state(_cuda_index(device)), where)
+    torch.set_rng_state(torch_state)
+    np.random.set_state(numpy_state)
+    for name, gen in (generators or {}).items():
+        gen.set_state(named[name])
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state, _cuda_index(device))
 
 
 # Optimizer state, flattened --------------------------------------------------------------------------------------
@@ -127,21 +255,33 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "class": type(optimizer).__name__}
 
 
-def unflatten_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Load what `flatten_optimizer` wrote into `optimizer`."""
+def unflatten_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: str = "checkpoint"
+) -> None:
+    """Load what `flatten_optimizer` wrote into `optimizer` (CheckpointError naming `where` when it does not fit)."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: key 'optimizer' must be an object of optimizer state, got {_short(meta)}")
     if meta.get("class") != type(optimizer).__name__:
-        raise CheckpointError(f"the checkpoint holds {meta.get('class')} state, the optimizer is {type(optimizer).__name__}")
+        raise CheckpointError(
+            f"{where}: key 'optimizer.class': the checkpoint holds {meta.get('class')} state, the optimizer is "
+            f"{type(optimizer).__name__}"
+        )
+    scalars = require({"optimizer": meta}, "optimizer.scalars", dict, where)
+    groups = require({"optimizer": meta}, "optimizer.param_groups", list, where)
     state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    for index, entry in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(entry)
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f"the optimizer state in the checkpoint does not match the optimizer: {err}") from err
+        for name, value in tensors.items():
+            if name.startswith("optim."):
+                _, index, key = name.split(".", 2)
+                state.setdefault(int(index), {})[key] = value
+        for index, entry in scalars.items():
+            state.setdefault(int(index), {}).update(entry)
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{where}: the optimizer state (key 'optimizer' and the 'optim.*' tensors) does not match the optimizer: "
+            f"{type(err).__name__}: {err}"
+        ) from err
 
 
 # Save ------------------------------------------------------------------------------------------------------------
@@ -194,11 +334,11 @@ def save_checkpoint(
         out.update(optim_tensors)
     out.update({f"data.{k}": v.detach().cpu().clone().contiguous() for k, v in (tensors or {}).items()})
 
-    previous = _read_json(json_path).get("weights") if json_path.exists() else None
+    previous = _sidecar_weights(json_path) if json_path.exists() else None
     stem = json_path.stem
     weights = json_path.with_name(f"{stem}-{int(step):08d}.safetensors")
     n = 0
-    while weights.name == previous:
+    while weights.name == previous:  # a reader of the current sidecar still finds its weights unchanged
         n += 1
         weights = json_path.with_name(f"{stem}-{int(step):08d}-{n}.safetensors")
     atomic_write(weights, lambda tmp: save_file(out, str(tmp), metadata={"format": FORMAT}))
@@ -219,9 +359,7 @@ def save_checkpoint(
     }
     text = json.dumps(meta, indent=1)
     atomic_write_text(json_path, text)
-    if previous and previous != weights.name:
-        with contextlib.suppress(OSError):
-            (json_path.parent / previous).unlink()
+    _remove_stale_weights(json_path, keep=weights.name)  # only now: the new sidecar no longer names them
     return json_path
 
 
@@ -229,36 +367,68 @@ def save_checkpoint(
 
 
 def _read_json(json_path: Path) -> dict[str, Any]:
+    """The checked sidecar: a fewstep checkpoint of this version with the keys every reader needs, of their types."""
     try:
         meta = json.loads(json_path.read_text())
     except FileNotFoundError as err:
         raise CheckpointError(f"checkpoint {json_path} does not exist") from err
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint sidecar {json_path} is unreadable or truncated: {err}") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint sidecar {json_path} must hold a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{json_path} is not a fewstep checkpoint (format={meta.get('format')!r}, expected {FORMAT!r})")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{json_path} has checkpoint version {meta.get('version')}; this fewstep reads version {VERSION}")
+    where = f"checkpoint sidecar {json_path}"
+    weights_path(json_path, require(meta, "weights", str, where))
+    for key in ("size", "step"):
+        if require(meta, key, int, where) < 0:
+            raise CheckpointError(f"{where}: key {key!r} must be >= 0, got {meta[key]}")
+    if not re.fullmatch(r"[0-9a-f]{64}", require(meta, "sha256", str, where)):
+        raise CheckpointError(f"{where}: key 'sha256' must be 64 hexadecimal digits, got {_short(meta['sha256'])}")
+    require(meta, "config.model", dict, where)
+    require(meta, "config.process", (dict, str), where)
+    require(meta, "has_ema", bool, where)
     return meta
 
 
-def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The JSON sidecar and all tensors of a checkpoint, after checking the weights file's size and checksum."""
-    json_path = sidecar_path(path)
-    meta = _read_json(json_path)
-    weights = json_path.parent / meta["weights"]
-    if not weights.exists():
-        raise CheckpointError(f"the weights file {weights} named by {json_path} is missing")
-    size = weights.stat().st_size
-    if size != meta["size"]:
-        raise CheckpointError(f"the weights file {weights} is truncated or corrupt: {size} bytes, expected {meta['size']}")
-    if verify and file_digest(weights) != meta["sha256"]:
+def _read_weights(json_path: Path, meta: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
+    """The tensors of the weights file `meta` names, after checking its size and (verify) checksum."""
+    weights = weights_path(json_path, meta["weights"])
+    try:
+        with open(weights, "rb") as f:  # read once: a save racing this read cannot swap the file in between
+            data = f.read()
+    except FileNotFoundError as err:
+        raise CheckpointError(f"the weights file {weights} named by {json_path} is missing") from err
+    except OSError as err:
+        raise CheckpointError(f"the weights file {weights} named by {json_path} cannot be read: {err}") from err
+    if len(data) != meta["size"]:
+        raise CheckpointError(f"the weights file {weights} is truncated or corrupt: {len(data)} bytes, expected {meta['size']}")
+    if verify and hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise CheckpointError(f"the weights file {weights} is corrupt: its SHA-256 does not match the one in {json_path.name}")
     try:
-        tensors = load_file(str(weights))
+        return load(data)
     except Exception as err:  # safetensors raises its own error types
         raise CheckpointError(f"the weights file {weights} cannot be read: {err}") from err
-    return meta, tensors
+
+
+def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON sidecar and all tensors of a checkpoint, after checking the weights file's size and checksum.
+
+    When the weights cannot be read and the sidecar has changed meanwhile (a save replaced both), it is read again.
+    """
+    json_path = sidecar_path(path)
+    meta = _read_json(json_path)
+    for attempt in range(_READ_ATTEMPTS):
+        try:
+            return meta, _read_weights(json_path, meta, verify)
+        except CheckpointError:
+            latest = _read_json(json_path)
+            if latest == meta or attempt == _READ_ATTEMPTS - 1:
+                raise
+            meta = latest
+    raise AssertionError("unreachable")
 
 
 def section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -284,9 +454,17 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str = "c
     module.load_state_dict(state)
 
 
+def _build(what: str, key: str, where: str, build, *args):
+    """`build(*args)`; a ValueError/TypeError/KeyError from a malformed stored config becomes a CheckpointError."""
+    try:
+        return build(*args)
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{where}: key {key!r} does not describe a valid {what}: {err}") from err
+
+
 def check_process(process: Process, config: dict[str, Any], what: str = "checkpoint") -> None:
     """Raise CheckpointError when `process` differs from the process config stored in a checkpoint."""
-    expected = build_process(config["process"])
+    expected = _build("process", "config.process", what, build_process, config["process"])
     if process_config(process) != process_config(expected):
         raise CheckpointError(f"the {what} was trained on the process {expected!r}, not {process!r}")
 
@@ -306,13 +484,14 @@ def load_checkpoint(
     given, must be the checkpoint's process. The model is returned in eval mode on `map_location`.
     """
     meta, tensors = read_checkpoint(path, verify=verify)
+    where = f"checkpoint {sidecar_path(path)}"
     config = meta["config"]
-    stored = build_process(config["process"])
+    stored = _build("process", "config.process", where, build_process, config["process"])
     if process is not None:
-        check_process(process, config)
-    use = "ema" if ema and meta.get("has_ema") else "model"
+        check_process(process, config, where)
+    use = "ema" if ema and meta["has_ema"] else "model"
     if model is None:
-        model = build_model(config["model"], stored)
-    load_state(model, section(tensors, use), f"checkpoint {sidecar_path(path)}")
+        model = _build("model", "config.model", where, build_model, config["model"], stored)
+    load_state(model, section(tensors, use), where)
     model = model.to(map_location).eval()
     return LoadedCheckpoint(model, stored, config["model"].get("prediction", "eps"), config, meta["step"], use, meta)

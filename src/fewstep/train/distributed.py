@@ -55,6 +55,8 @@ def init_distributed() -> DistContext:
         return DistContext()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("FEWSTEP_BACKEND") != "gloo" else "gloo"
+        if backend == "nccl":  # before the group exists: else every rank's NCCL communicator lands on cuda:0
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     return DistContext(dist.get_rank(), dist.get_world_size())
 

@@ -24,18 +24,20 @@ def _call(kind: str, fn, options: dict[str, Any]) -> Process:
 
 def build_process(config: dict[str, Any] | str) -> Process:
     """A process from a config dict (or just its type name)."""
+    if not isinstance(config, (dict, str)):
+        raise ValueError(f"a process config must be a table like {{type = 'discrete_vp'}} or a type name, got {config!r}")
     options = {"type": config} if isinstance(config, str) else dict(config)
     kind = options.pop("type", None)
+    if not isinstance(kind, str) or kind not in PROCESS_TYPES:
+        raise ValueError(f"process type={kind!r} is not known; allowed values: {', '.join(PROCESS_TYPES)}")
     if kind == "discrete_vp":
         if "betas" in options:
             return _call(kind, DiscreteVP, options)
         schedule = options.pop("schedule", "linear")
-        if schedule not in _DISCRETE_SCHEDULES:
+        if not isinstance(schedule, str) or schedule not in _DISCRETE_SCHEDULES:
             raise ValueError(f"discrete_vp schedule={schedule!r} is not known; allowed values: {', '.join(_DISCRETE_SCHEDULES)}")
         return _call(kind, _DISCRETE_SCHEDULES[schedule], options)
     constructors = {"vp": VP, "ve": VE, "edm": EDM, "rectified_flow": RectifiedFlow}
-    if kind not in constructors:
-        raise ValueError(f"process type={kind!r} is not known; allowed values: {', '.join(PROCESS_TYPES)}")
     return _call(kind, constructors[kind], options)
 
 

@@ -28,6 +28,7 @@ from .checkpoint import (
     check_process,
     load_state,
     read_checkpoint,
+    require,
     restore_rng,
     save_checkpoint,
     section,
@@ -37,8 +38,8 @@ from .checkpoint import (
 from .config import TrainConfig
 from .distributed import DistContext
 from .ema import EMA
-from .immiscible import IMMISCIBLE, immiscible_assign, knn_noise
-from .losses import WEIGHTINGS, diffusion_loss
+from .immiscible import immiscible_assign, knn_noise
+from .losses import diffusion_loss
 from .plots import save_loss_curve, save_samples
 from .process_config import build_process
 from .timesteps import sample_time
@@ -71,15 +72,8 @@ class Trainer:
         self._check_options()
 
     def _check_options(self) -> None:
-        c = self.config
-        if c.immiscible not in IMMISCIBLE:
-            raise ValueError(f"immiscible={c.immiscible!r} is not known; allowed values: {', '.join(IMMISCIBLE)}")
-        if c.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting={c.weighting!r} is not known; allowed values: {', '.join(WEIGHTINGS)}")
-        sample_time(1, self.process, c.time_sampling, torch.Generator())  # raises for an unknown or unfitting method
-        if c.steps < 0 or c.batch_size < 1 or c.lr <= 0:
-            raise ValueError(f"need steps >= 0, batch_size >= 1 and lr > 0; got {c.steps}, {c.batch_size}, {c.lr}")
-        self.dist.shard(c.batch_size)  # divisibility check
+        self.config.validate()  # again: fields may have been changed after the config was built
+        self.dist.shard(self.config.batch_size)  # divisibility check
 
     # One step --------------------------------------------------------------------------------------------------
 
@@ -177,7 +171,7 @@ class Trainer:
             ema=self.ema.module,
             optimizer=self.optimizer,
             step=self.step,
-            rng=capture_rng({"data": self.data_generator, "noise": self.noise_generator}),
+            rng=capture_rng({"data": self.data_generator, "noise": self.noise_generator}, self.device),
             loss_history=self.loss_history,
             tensors={"sampler_perm": perm},
             extra={"sampler_pos": pos, "ema_updates": self.ema.updates, "world_size": self.dist.world_size},
@@ -213,23 +207,45 @@ class Trainer:
     # Resume ----------------------------------------------------------------------------------------------------
 
     def resume(self, path: str | os.PathLike | None = None) -> int:
-        """Restore the complete training state from a checkpoint (default out_dir/checkpoint.json); returns the step."""
+        """Restore the complete training state from a checkpoint (default out_dir/checkpoint.json); returns the step.
+
+        The stored state is checked before anything is restored: a malformed one raises CheckpointError naming the
+        file and the key.
+        """
         path = sidecar_path(path or self.checkpoint_path)
         meta, tensors = read_checkpoint(path)
+        where = f"checkpoint {path}"
         saved = meta["config"]
         if saved["model"] != self.full_config["model"]:
             raise CheckpointError(
                 f"cannot resume from {path}: its model config {saved['model']} differs from {self.full_config['model']}"
             )
-        check_process(self.process, saved, f"checkpoint {path}")
-        load_state(self.model, section(tensors, "model"), f"checkpoint {path}")
-        load_state(self.ema.module, section(tensors, "ema"), f"EMA in checkpoint {path}")
-        unflatten_optimizer(self.optimizer, tensors, meta["optimizer"])
-        restore_rng(meta["rng"], {"data": self.data_generator, "noise": self.noise_generator})
-        self.sampler.load_state(tensors["data.sampler_perm"], meta["extra"]["sampler_pos"])
-        self.ema.updates = meta["extra"]["ema_updates"]
+        check_process(self.process, saved, where)
+        pos = require(meta, "extra.sampler_pos", int, where)
+        updates = require(meta, "extra.ema_updates", int, where)
+        history = require(meta, "loss_history", list, where)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in history):
+            raise CheckpointError(f"{where}: key 'loss_history' must be a list of numbers")
+        perm = tensors.get("data.sampler_perm")
+        n = len(self.data)
+        fits = perm is not None and perm.dtype == torch.int64 and perm.shape == (n,)
+        fits = fits and torch.equal(perm.sort().values, torch.arange(n))  # a permutation of the data set
+        if not fits or not 0 <= pos <= n or updates < 0:
+            raise CheckpointError(
+                f"{where}: the sampler state (tensor 'data.sampler_perm', key 'extra.sampler_pos') or key "
+                f"'extra.ema_updates' does not fit a data set of {n} items"
+            )
+        if meta.get("optimizer") is None or meta.get("rng") is None:
+            key = "optimizer" if meta.get("optimizer") is None else "rng"
+            raise CheckpointError(f"{where}: key {key!r} is missing or null: this checkpoint holds no training state to resume")
+        load_state(self.model, section(tensors, "model"), where)
+        load_state(self.ema.module, section(tensors, "ema"), f"EMA in {where}")
+        unflatten_optimizer(self.optimizer, tensors, meta["optimizer"], where)
+        restore_rng(meta["rng"], {"data": self.data_generator, "noise": self.noise_generator}, self.device, where)
+        self.sampler.load_state(perm, pos)
+        self.ema.updates = updates
         self.step = meta["step"]
-        self.loss_history = list(meta["loss_history"])
+        self.loss_history = [float(v) for v in history]
         return self.step
 
 
