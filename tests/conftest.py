@@ -25,6 +25,6 @@ def all_processes():
 
 # Hypothesis profiles for the property-based suite (tests/test_properties.py): "ci" is the default, derandomised
 # with a fixed budget; "long" for local runs: `pytest tests/test_properties.py --hypothesis-profile=long`.
-settings.register_profile("ci", max_examples=60, derandomize=True, database=None, deadline=None, print_blob=True)
-settings.register_profile("long", max_examples=1200, deadline=None)
+settings.register_profile("ci", max_examples=300, derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("long", max_examples=3000, deadline=None)
 settings.load_profile("ci")

@@ -64,12 +64,15 @@ def outcome(
     names: Iterable[str] = (),
     errors: tuple[type[BaseException], ...] = (ValueError, TypeError),
     seconds: float = 30.0,
+    valid: Callable[[], Any] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Call fn; return its result, or None when it raised one of `errors` naming a parameter.
 
     invalid: the parameters made invalid (then the call must fail, naming one of them); names: every parameter a
-    valid-but-incompatible combination may name instead.
+    valid-but-incompatible combination may name instead. valid: the same call without the invalid parameters; an
+    error that names none of them must then be the error this call gives too (a combination of valid parameters
+    at fault, checked before a parameter that is only read later, such as a solver option).
     """
     invalid = list(invalid)
     try:
@@ -78,6 +81,11 @@ def outcome(
     except errors as err:
         message = str(err)
         expected = invalid or list(names) + list(kwargs)
+        if invalid and valid is not None and not names_one_of(message, invalid):
+            with pytest.raises(errors) as same, time_limit(seconds):
+                valid()
+            assert str(same.value) == message, f"{message!r} names none of {invalid}, and the valid call says {same.value}"
+            return None
         assert names_one_of(message, expected), f"{type(err).__name__} names none of {expected}: {message}"
         return None
     assert not invalid, f"accepted invalid {invalid}: {[(k, kwargs.get(k)) for k in invalid]}"
@@ -135,7 +143,7 @@ def statistics_for(process: fewstep.Process, dim: int) -> fewstep.ModelStatistic
 
 
 @st.composite
-def sample_cases(draw) -> tuple[dict[str, Any], list[str]]:
+def sample_cases(draw) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
     process = PROCESSES[draw(st.sampled_from(sorted(PROCESSES)))]
     solver = draw(st.sampled_from(SOLVERS))
     dtype = draw(st.sampled_from([torch.float64, torch.float32]))
@@ -162,6 +170,7 @@ def sample_cases(draw) -> tuple[dict[str, Any], list[str]]:
     if draw(st.integers(0, 4)) == 0:
         kwargs["x0_fn"] = fewstep.StaticClipping(2.0)
 
+    valid = dict(kwargs)
     invalid: list[str] = []
     for name in draw(st.lists(st.sampled_from(sorted(INVALID_SAMPLE) + ["option"]), max_size=2, unique=True)):
         if name == "option":
@@ -172,7 +181,7 @@ def sample_cases(draw) -> tuple[dict[str, Any], list[str]]:
         else:
             kwargs[name] = draw(st.sampled_from(INVALID_SAMPLE[name]))
             invalid.append(name)
-    return kwargs, invalid
+    return kwargs, invalid, valid
 
 
 def check_samples(x: Any, noise: torch.Tensor, ratio: float = 1.0) -> None:
@@ -180,15 +189,15 @@ def check_samples(x: Any, noise: torch.Tensor, ratio: float = 1.0) -> None:
 
     ratio: sigma / alpha at the start. The ring lies within radius 1.4. A solver's error is about this ratio
     times the model's error (a one-step Euler or DPM-2 step from sigma/alpha = 157 lands tens away), and a
-    pseudo-Runge-Kutta stage evaluated far from the data at small sigma amplifies it once more (one-step PNDM lands
-    ~1e4 away on DiscreteVP: what the algorithm computes, not a defect). Broken arithmetic (overflow, a division
-    by round-off) lands orders of magnitude further.
+    pseudo-Runge-Kutta stage evaluated far from the data at small sigma amplifies it once more (one-step PNDM
+    lands 1e4-1e6 away on DiscreteVP: what the algorithm computes, not a defect), hence the bound ~ ratio^2.
+    Broken arithmetic (overflow, a division by round-off) lands orders of magnitude further.
     """
     assert isinstance(x, torch.Tensor)
     assert x.shape == noise.shape and x.dtype == noise.dtype, (x.shape, x.dtype)
     assert bool(torch.isfinite(x).all()), "silent NaN/Inf in the output"
     assert isinstance(x.nfe, int) and x.nfe >= 1
-    bound = 1e3 * (1.0 + ratio) if math.isfinite(ratio) else 1e5  # alpha = 0 at the start: a flow from pure noise
+    bound = 1e3 * (1.0 + ratio) ** 2 if math.isfinite(ratio) else 1e5  # alpha = 0 at the start: a flow from pure noise
     assert float(x.abs().max()) < bound, f"output far from the data: max |x| = {float(x.abs().max()):.3g} > {bound:.3g}"
 
 
@@ -204,14 +213,17 @@ def noise_to_signal(process: fewstep.Process, t_start: Any) -> float:
 @given(case=sample_cases())
 @settings(suppress_health_check=[HealthCheck.too_slow])
 def test_sample_gives_a_correct_result_or_a_clear_error(case):
-    kwargs, invalid = case
+    kwargs, invalid, valid = case
     kwargs = dict(kwargs)
     noise = kwargs.pop("noise")
     process = kwargs["process"]
     prediction = kwargs["prediction"] if kwargs["prediction"] in fewstep.PREDICTIONS else "eps"
     model = MIXTURE.model(process, prediction)
     names = ["noise", *kwargs]
-    x = outcome(fewstep.sample, model, noise, invalid=invalid, names=names, **kwargs)
+    # ModelError: a user function (x0_fn) returned something unusable; it must name x0_fn like any other parameter
+    errors = (ValueError, TypeError, fewstep.ModelError)
+    x = outcome(fewstep.sample, model, noise, invalid=invalid, names=names, errors=errors, **kwargs,
+                valid=lambda: fewstep.sample(model, **valid))  # fmt: skip
     if x is not None:
         check_samples(x, noise, noise_to_signal(process, kwargs.get("t_start")))
 
@@ -266,7 +278,7 @@ INVALID_CONVERT = {
     process=st.sampled_from(sorted(PROCESSES)),
     source=st.sampled_from(fewstep.PREDICTIONS),
     target=st.sampled_from(fewstep.PREDICTIONS),
-    u=st.floats(0.0, 1.0),
+    u=st.one_of(st.just(0.0), st.floats(1e-9, 1.0)),  # not 1e-300: sigma^2 underflows and the true score overflows
     per_sample=st.booleans(),
     broken=st.lists(st.sampled_from(sorted(INVALID_CONVERT)), max_size=2, unique=True),
     data=st.data(),
@@ -352,6 +364,50 @@ def test_schedule_parameters_give_a_valid_grid_or_a_clear_error(name, rho, proce
     ts = outcome(fewstep.time_grid, proc, steps, t_start, t_end, schedule, names=["rho", "schedule", "steps"])
     if ts is not None:
         check_grid(ts, proc, steps, t_start, t_end)
+
+
+# schedule search ---------------------------------------------------------------------------------------------------
+
+INVALID_SEARCH = {
+    "nfe": [0, -1, 2.5, "4", True, 10**9],
+    "solver": ["bogus", None],
+    "iters": [-1, 1.5, "3", True, 10**9],
+    "lr": [0.0, -0.1, NAN, INF, "0.2", True],
+    "fd_step": [0.0, NAN, 2.0, "x"],
+    "init": ["bogus", 5],
+    "t_end": BAD_SCALARS[:6],
+    "calibration_noise": [torch.zeros(4, 2, dtype=torch.long), "noise"],
+    "reference": [torch.zeros(3, 2, dtype=torch.float64), "ref"],
+}
+
+
+@given(
+    process=st.sampled_from(["discrete_vp", "edm", "rectified_flow"]),
+    solver=st.sampled_from(["ddim", "dpmpp_2m", "heun", "ipndm", "unipc"]),
+    nfe=st.integers(2, 6),
+    iters=st.integers(0, 2),
+    broken=st.lists(st.sampled_from(sorted(INVALID_SEARCH)), max_size=2, unique=True),
+    data=st.data(),
+)
+@settings(max_examples=max(EXAMPLES // 6, 8))
+def test_optimize_schedule_gives_a_valid_grid_or_a_clear_error(process, solver, nfe, iters, broken, data):
+    proc = PROCESSES[process]
+    prediction = "velocity" if process == "rectified_flow" else "eps"
+    noise = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kwargs = dict(model=MIXTURE.model(proc, prediction), process=proc, solver=solver, nfe=nfe, calibration_noise=noise,
+                  prediction=prediction, iters=iters, reference_steps=32, lr=0.2, fd_step=1e-3)  # fmt: skip
+    valid = dict(kwargs)
+    for name in broken:
+        kwargs[name] = data.draw(st.sampled_from(INVALID_SEARCH[name]), label=name)
+    searched = outcome(fewstep.optimize_schedule, invalid=broken, names=["nfe", "solver", "schedule", "t_start", "t_end"],
+                       valid=lambda: fewstep.optimize_schedule(**valid), **kwargs)  # fmt: skip
+    if searched is None:
+        return
+    assert isinstance(searched, fewstep.SearchedSchedule) and searched.solver == solver
+    check_grid(searched.times, proc, searched.steps, float(searched.times[0]), float(searched.times[-1]))
+    assert math.isfinite(searched.error) and searched.error <= searched.error_init + 1e-12  # the best grid seen
+    x = fewstep.sample(kwargs["model"], noise, process=proc, **searched.sample_kwargs())
+    assert x.nfe == nfe
 
 
 # processes ------------------------------------------------------------------------------------------------------

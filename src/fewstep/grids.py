@@ -179,11 +179,11 @@ def time_grid(
             f"schedule={schedule!r} is not known; allowed values: {', '.join(SCHEDULES)}, a fewstep.Schedule, "
             "a tensor of times, or an object with a grid(process, steps, t_start, t_end) method"
         )
+    if isinstance(schedule, torch.Tensor):  # the tensor is the whole grid: t_start and t_end are not used
+        return check_grid(process, schedule, steps, "schedule tensor", "pass strictly decreasing times, from noise to data")
     # each parameter is checked on its own before their combination, so an error names the parameter at fault
     if not t_start > t_end:
         raise ValueError(f"need t_start > t_end (sampling runs from noise to data), got t_start={t_start}, t_end={t_end}")
-    if isinstance(schedule, torch.Tensor):
-        return check_grid(process, schedule, steps, "schedule tensor", "pass strictly decreasing times, from noise to data")
     where = f"schedule={schedule!r} from t_start={t_start!r} to t_end={t_end!r}"
     if isinstance(schedule, Schedule):
         return check_grid(process, schedule._raw_grid(process, steps, t_start, t_end), steps, where, schedule._hint())

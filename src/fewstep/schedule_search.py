@@ -27,7 +27,7 @@ import torch
 
 from .accuracy import rms_error
 from .budget import steps_for_nfe
-from .grids import ScheduleLike, time_grid
+from .grids import SCHEDULES, GridSource, Schedule, ScheduleLike, time_grid
 from .io import atomic_write_text
 from .parameterization import Model, check_prediction
 from .processes import Process
@@ -266,6 +266,7 @@ def optimize_schedule(
     get_solver(reference_solver)
     if not isinstance(calibration_noise, torch.Tensor) or not calibration_noise.is_floating_point():
         raise TypeError("calibration_noise must be a floating-point tensor of shape [batch, ...]")
+    candidates = _init_candidates(init, process)
     t_start = process.check_time(process.t_max if t_start is None else t_start, "t_start")
     t_end = process.check_time(process.t_min if t_end is None else t_end, "t_end")
     steps = steps_for_nfe(solver, nfe, process, t_start=t_start, t_end=t_end, denoise_to_zero=denoise_to_zero, **solver_options)
@@ -290,11 +291,10 @@ def optimize_schedule(
         x = sample(model, calibration_noise, **kwargs)
         return rms_error(x, reference)
 
-    candidates = list(init) if isinstance(init, (list, tuple)) else [init]
-    if not candidates:
-        raise ValueError("init must be a schedule or a non-empty list of schedules, got an empty list")
-    candidates = [process.default_schedule if c is None else c for c in candidates]
-    grids = [time_grid(process, steps, t_start, t_end, c) for c in candidates]
+    try:
+        grids = [time_grid(process, steps, t_start, t_end, c) for c in candidates]
+    except ValueError as err:
+        raise ValueError(f"init: {err}") from None
     start = min(range(len(grids)), key=lambda k: error_of(grids[k])) if len(grids) > 1 else 0
     init, param = candidates[start], _Parameterisation(warp, grids[start])
     theta, best, history = _adam_finite_differences(lambda th: error_of(param.times(th)), param.theta0, iters, lr, fd_step)
@@ -312,6 +312,20 @@ def optimize_schedule(
         error=best,
         history=history,
     )
+
+
+def _init_candidates(init: Any, process: Process) -> list[ScheduleLike]:
+    """The starting grids of a search (None: the process's default), each a schedule name, Schedule, tensor or grid source."""
+    candidates = list(init) if isinstance(init, (list, tuple)) else [init]
+    if not candidates:
+        raise ValueError("init must be a schedule or a non-empty list of schedules, got an empty list")
+    for c in candidates:
+        if not (c is None or isinstance(c, (torch.Tensor, Schedule, GridSource)) or (isinstance(c, str) and c in SCHEDULES)):
+            raise ValueError(
+                f"init={c!r} is not a schedule; allowed values: {', '.join(SCHEDULES)}, a fewstep.Schedule, a tensor of "
+                "times, an object with a grid() method, None (the process's default), or a list of these"
+            )
+    return [process.default_schedule if c is None else c for c in candidates]
 
 
 def _adam_finite_differences(

@@ -378,7 +378,7 @@ def _read_json(json_path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint sidecar {json_path} must hold a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{json_path} is not a fewstep checkpoint (format={meta.get('format')!r}, expected {FORMAT!r})")
-    if meta.get("version") != VERSION:
+    if type(meta.get("version")) is not int or meta["version"] != VERSION:  # a JSON true is no version 1
         raise CheckpointError(f"{json_path} has checkpoint version {meta.get('version')}; this fewstep reads version {VERSION}")
     where = f"checkpoint sidecar {json_path}"
     weights_path(json_path, require(meta, "weights", str, where))
