@@ -85,7 +85,8 @@ def test_solver_arithmetic_nan_is_blamed_on_the_solver():
         return x
 
     try:
-        with pytest.raises(SolverError, match=r"solver '_test_overflowing_ddim' produced NaN or Inf .*step 1"):
+        # step 1 overflows; the state is first looked at as the input of step 2's evaluation (one reduction per evaluation)
+        with pytest.raises(SolverError, match=r"solver '_test_overflowing_ddim' produced NaN or Inf .*step 2, evaluation 3"):
             run("_test_overflowing_ddim")
     finally:
         del _core._REGISTRY["_test_overflowing_ddim"]

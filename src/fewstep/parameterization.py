@@ -225,8 +225,8 @@ class Denoiser:
     `model(x, t)` takes x [batch, ...] and t [batch] (the process's time) and returns a tensor shaped like x.
     Shapes and dtypes are checked on every call (host-side metadata, no device sync). Finiteness is checked
     without synchronising: every call records device flags for its input state and its output (and the output
-    of `x0_fn`), solvers record one for the state after each step (`flag_state`), and `raise_if_not_finite`
-    looks at them once, naming the first non-finite one: the model (ModelError), `x0_fn` (ModelError) or the
+    of `x0_fn`), `sample` records one for the final state (`flag_state`), and `raise_if_not_finite` looks at
+    them once, naming the first non-finite one: the model (ModelError), `x0_fn` (ModelError) or the
     solver's own arithmetic (SolverError). A model that costs several network evaluations per call
     (classifier-free guidance batching conditional and unconditional inputs) says so with an attribute
     `nfe_per_call`, read after every call (so a model whose cost varies, as with a guidance interval, sets it to

@@ -132,8 +132,11 @@ class Run:
         self.denoiser.step = i
 
     def report(self, i: int, x: torch.Tensor, prediction: Prediction | None) -> None:
-        """After step i (x is now at time t[i + 1]): record whether x is finite (no sync) and call the user's callback."""
-        self.denoiser.flag_state(x, i, self.t[i + 1])
+        """Call the user's callback after step i (x is now at time t[i + 1]).
+
+        The state's finiteness needs no flag here: x is the input of the next evaluation, whose flag the Denoiser
+        records, and `sample` flags the final output (one reduction per evaluation saved).
+        """
         if self.callback is not None:
             self.callback(
                 {
