@@ -232,6 +232,55 @@ def bench_overhead_command(
     console.print(table)
 
 
+@app.command("tune")
+def tune_command(
+    model: str = typer.Argument(..., help="A shipped model name (digits_vp, digits_flow, ...) or a checkpoint path."),
+    nfe: str = typer.Option("4,5,6,8,10", help="Comma-separated NFE budgets to tune."),
+    samples: int = typer.Option(64, min=2, max=100_000, help="Calibration (and selection) samples."),
+    search_iters: int = typer.Option(12, min=0, max=10_000, help="Grid-search iterations per searched configuration."),
+    reference_steps: int = typer.Option(200, min=4, max=100_000, help="Steps of the many-step reference."),
+    seed: int = SEED,
+    out: Path = typer.Option(None, help="Output JSON (default: <checkpoint>.tuning.json beside a checkpoint's sidecar, "
+                                        "out/tune/<name>.tuning.json for a shipped model)."),  # fmt: skip
+) -> None:
+    """Choose solver and grid per NFE budget on the model itself (fewstep.sample(..., solver="auto") uses the result)."""
+    from .shipped import SHIPPED_MODELS, load_model, resolve_model
+    from .train.cli import parse_ints, usage_errors, writable_file
+    from .tune import tune
+    from .tuning import tuning_path
+
+    budgets = parse_ints(nfe, "--nfe", minimum=2)
+    with usage_errors("MODEL"):
+        loaded = load_model(model)
+    if out is None:
+        out = Path("out/tune") / f"{model}.tuning.json" if model in SHIPPED_MODELS else tuning_path(resolve_model(model))
+    writable_file(out, "--out")
+    with usage_errors("MODEL"):
+        shape = _sample_shape(loaded)
+    with usage_errors(options={"nfes": "--nfe", "nfe": "--nfe", "reference": "--reference-steps"}):
+        tuning = tune(loaded.model, loaded.process, loaded.prediction, budgets, shape=shape, samples=samples, seed=seed,
+                      search_iters=search_iters, reference_steps=reference_steps, name=str(model), log=console.print)  # fmt: skip
+    tuning.save(out)
+    table = Table("NFE", "solver", "grid", "RMS error", "fallback RMS", "ratio")
+    for entry in tuning.entries.values():
+        ratio = entry.error / entry.fallback_error if entry.fallback_error > 0 else float("nan")
+        errors = (f"{entry.error:.3g}", f"{entry.fallback_error:.3g}", f"{ratio:.2f}")
+        table.add_row(str(entry.nfe), entry.solver, entry.grid, *errors)
+    console.print(table)
+    console.print(f"wrote {out}")
+
+
+def _sample_shape(loaded) -> tuple[int, ...]:
+    """One sample's shape for a loaded checkpoint: an MLP's dim, else the shape of its training data set."""
+    from .data import load_dataset
+
+    net = loaded.config["model"]["net"]
+    if net.get("type") == "mlp":
+        return (int(net["dim"]),)
+    train = loaded.config.get("train", {})
+    return tuple(load_dataset(train.get("data", "digits"), **train.get("data_options", {})).shape[1:])
+
+
 def _is_stochastic(name: str) -> bool:
     from .solvers import get_solver
 

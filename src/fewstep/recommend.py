@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .budget import plan_for_nfe
+from .checks import MAX_STEPS
 from .processes import Process
 
 # (largest NFE of the band, solver, grid, solver options)
@@ -30,24 +30,18 @@ def recommended(nfe: int, process: Process, *, t_start: float | None = None, t_e
     """Keyword arguments for `fewstep.sample` that use exactly `nfe` evaluations with the recommended solver and grid.
 
     Returns solver, steps, schedule, denoise_to_zero and options, e.g. `fewstep.sample(model, noise,
-    process=process, **fewstep.recommended(10, process))`.
+    process=process, **fewstep.recommended(10, process))`. Every recommended solver costs one evaluation per step,
+    so the plan needs no dry run: nfe - 1 steps and the final denoising where sigma(t_end) > 0, else nfe steps
+    (tests/test_recommend.py checks the count on every process).
     """
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 2:
-        raise ValueError(f"nfe must be an integer >= 2 for a recommendation, got nfe={nfe!r}")
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or not 2 <= nfe <= MAX_STEPS:
+        raise ValueError(f"nfe must be an integer >= 2 (and <= {MAX_STEPS}) for a recommendation, got nfe={nfe!r}")
     solver, schedule, options = next((s, g, o) for top, s, g, o in RECOMMENDED if nfe <= top)
-    lo = process.t_min if t_end is None else t_end
-    hi = process.t_max if t_start is None else t_start
+    lo = process.check_time(process.t_min if t_end is None else t_end, "t_end")
+    hi = process.check_time(process.t_max if t_start is None else t_start, "t_start")
     if not (math.isfinite(float(process.log_snr(lo))) and math.isfinite(float(process.log_snr(hi)))):
         schedule = "time_uniform"
-    # The final denoising step when the budget allows it; a budget the band's solver cannot meet exactly goes to
-    # the last band's solver, which costs one evaluation per step.
-    _, fallback, _, fallback_options = RECOMMENDED[-1]
-    for name, opts in ((solver, options), (fallback, fallback_options)):
-        try:
-            steps, denoise = plan_for_nfe(name, nfe, process, t_start=t_start, t_end=t_end, **opts)
-        except ValueError:
-            continue
-        kwargs = dict(solver=name, steps=steps, schedule=schedule, denoise_to_zero=denoise, **opts)
-        kwargs.update({k: v for k, v in (("t_start", t_start), ("t_end", t_end)) if v is not None})
-        return kwargs
-    raise ValueError(f"nfe={nfe} is not reachable with the recommended solvers on {process!r}")
+    denoise = float(process.sigma(lo)) > 0  # the final data prediction costs one more evaluation
+    kwargs = dict(solver=solver, steps=nfe - 1 if denoise else nfe, schedule=schedule, denoise_to_zero=denoise, **options)
+    kwargs.update({k: v for k, v in (("t_start", t_start), ("t_end", t_end)) if v is not None})
+    return kwargs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ from .grids import ScheduleLike, time_grid
 from .parameterization import Coefficients, Denoiser, Model, check_convertible, check_prediction
 from .processes import Process
 from .solvers import Run, get_solver, solver_specs
+from .tuning import Tuning, choose
 
 LOWER_ORDER_FINAL_BELOW = 15  # steps; as diffusers' DPMSolverMultistepScheduler (lower_order_final)
 
@@ -38,6 +40,8 @@ def sample(
     progress: bool = False,
     differentiable: bool = False,
     x0_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    nfe: int | None = None,
+    tuning: Tuning | str | os.PathLike | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """Sample from a diffusion or flow model with `steps` solver steps; returns x0 [batch, ...].
@@ -55,8 +59,18 @@ def sample(
     x0_fn: post-processing of every data prediction, x0 [batch, ...] -> x0 (thresholding or clipping, see
         `fewstep.guidance`); the noise prediction is made consistent with it.
     options: solver-specific options (see `fewstep solvers`).
+    solver="auto": fewstep chooses solver, steps and grid for the budget `nfe` (required then; `steps`, `schedule`
+        and options are not used): the model's tuned configuration at that NFE (`fewstep tune`; `tuning` = a
+        `fewstep.Tuning` or its file, else the tuning a loaded checkpoint carries) when it matches the model, process
+        and prediction, else `fewstep.recommended(nfe, process)`. The result's attribute `choice` says which, and why.
     The result carries the number of network evaluations used as the attribute `nfe`.
     """
+    if solver == "auto":
+        return _sample_auto(model, noise, process, prediction, nfe, tuning, schedule, t_start, t_end, options,
+                            denoise_to_zero=denoise_to_zero, generator=generator, callback=callback, progress=progress,
+                            differentiable=differentiable, x0_fn=x0_fn)  # fmt: skip
+    if nfe is not None or tuning is not None:
+        raise ValueError("nfe and tuning are used only with solver='auto'; with a named solver, pass steps")
     spec = get_solver(solver)
     spec.check_options(options)
     if not isinstance(process, Process):
@@ -98,6 +112,24 @@ def sample(
         denoiser.flag_state(x, run.steps, run.t[-1])
     denoiser.raise_if_not_finite()
     x.nfe = denoiser.nfe
+    return x
+
+
+def _sample_auto(model, noise, process, prediction, nfe, tuning, schedule, t_start, t_end, options, **common) -> torch.Tensor:
+    """`sample(..., solver="auto")`: run the configuration `fewstep.tuning.choose` picks; x.choice records it."""
+    if isinstance(nfe, bool) or not isinstance(nfe, int):
+        raise ValueError(f"solver='auto' picks solver, steps and grid for an NFE budget: pass nfe=<int >= 2>, got nfe={nfe!r}")
+    if schedule is not None or options:
+        given = ["schedule"] * (schedule is not None) + sorted(options)
+        raise ValueError(f"solver='auto' chooses the grid and the solver options itself; do not pass {', '.join(given)}")
+    if not isinstance(process, Process):
+        raise TypeError(f"process must be a fewstep Process (e.g. fewstep.EDM()), got {type(process).__name__}")
+    check_prediction(prediction)
+    kwargs, record = choose(model, process, prediction, nfe, tuning=tuning, t_start=t_start, t_end=t_end)
+    if "denoise_to_zero" in kwargs:  # part of the plan: it decides the evaluation count
+        common.pop("denoise_to_zero")
+    x = sample(model, noise, process=process, prediction=prediction, **kwargs, **common)
+    x.choice = record
     return x
 
 

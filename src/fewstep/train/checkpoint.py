@@ -36,6 +36,7 @@ from torch import nn
 from ..io import atomic_write, atomic_write_text, check_file_name
 from ..nets import DiffusionModel, build_model
 from ..processes import Process
+from ..tuning import Tuning, tuning_path
 from .process_config import build_process, process_config
 
 FORMAT = "fewstep-checkpoint"
@@ -494,4 +495,7 @@ def load_checkpoint(
         model = _build("model", "config.model", where, build_model, config["model"], stored)
     load_state(model, section(tensors, use), where)
     model = model.to(map_location).eval()
+    tuning_file = tuning_path(sidecar_path(path))
+    if tuning_file.exists():  # `fewstep tune`'s result; `sample(solver="auto")` uses it only if it matches the weights
+        model.tuning = Tuning.load(tuning_file)
     return LoadedCheckpoint(model, stored, config["model"].get("prediction", "eps"), config, meta["step"], use, meta)

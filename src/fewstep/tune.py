@@ -1,0 +1,176 @@
+"""`fewstep.tune`: choose solver and grid per NFE budget on the model itself, against its own many-step reference.
+
+For each budget: every candidate (solver x named grid, `CANDIDATES`) is scored by the RMS error of its samples
+against a many-step reference of the same model on calibration noise; the best few get their interior times
+searched (`fewstep.optimize_schedule`, the idea of Align Your Steps, Sabour et al., 2024, and of the
+trajectory-error schedule searches of Xue et al., 2024) on that calibration noise; then every configuration is
+scored again on *selection* noise of another seed and the best there is kept (so a grid over-fitted to the
+calibration samples loses). The reference is checked for convergence (the same solver at half the steps must
+agree to `reference_rtol`); a model whose reference does not converge is refused with the numbers. The result is
+a `fewstep.Tuning` (JSON, keyed by the model's weights, process and prediction) that `fewstep.sample(...,
+solver="auto", nfe=N)` uses.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .accuracy import rms_error
+from .budget import plan_for_nfe
+from .checks import check_int
+from .grids import SCHEDULES, Schedule
+from .parameterization import check_prediction
+from .processes import Process
+from .recommend import recommended
+from .sampling import sample
+from .schedule_search import optimize_schedule
+from .tuning import TunedEntry, Tuning, TuningError, model_key
+
+# Fixed configurations scored at every budget: the solvers that win somewhere on the exact mixtures or the learned
+# digits models (README, "Benchmarks"), each on the grids that matter for them. Grids undefined on a process (a
+# log-SNR grid where alpha = 0 at t_start) are skipped.
+CANDIDATES: tuple[tuple[str, str], ...] = tuple(
+    (solver, grid)
+    for solver in ("ddim", "dpmpp_2m", "unipc", "deis", "ipndm", "dpmpp_3m")
+    for grid in ("logsnr", "quadratic", "time_uniform", "karras")
+)
+
+
+def _reference(model, noise, process, prediction, solver: str, steps: int) -> torch.Tensor:
+    schedule = "logsnr" if all(math.isfinite(float(process.log_snr(t))) for t in (process.t_min, process.t_max)) else None
+    return sample(model, noise, process=process, prediction=prediction, solver=solver, steps=steps, schedule=schedule)
+
+
+def converged_reference(
+    model, noise: torch.Tensor, process: Process, prediction: str, solver: str, steps: int, rtol: float
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The `steps`-step reference of `model` from `noise` and a record of its convergence (vs steps // 2).
+
+    TuningError when the half-step run differs by more than `rtol` times the samples' RMS: the reference is then
+    not a reference, and tuning against it would tune to its error.
+    """
+    full = _reference(model, noise, process, prediction, solver, steps)
+    half = _reference(model, noise, process, prediction, solver, steps // 2)
+    change, scale = rms_error(half, full), float(full.double().pow(2).mean().sqrt())
+    record = dict(solver=solver, steps=steps, change_from_half_steps=change, sample_rms=scale)
+    if not math.isfinite(change) or change > rtol * max(scale, 1e-12):
+        raise TuningError(
+            f"the reference does not converge: {solver} with {steps // 2} and {steps} steps differs by RMS {change:.3g} "
+            f"({change / max(scale, 1e-12):.2%} of the samples' RMS {scale:.3g}; allowed {rtol:.2%}); raise reference_steps "
+            "or check the model"
+        )
+    return full, record
+
+
+def _score(model, noise, reference, process, prediction, solver, steps, schedule, denoise) -> float:
+    x = sample(model, noise, process=process, prediction=prediction, solver=solver, steps=steps, schedule=schedule,
+               denoise_to_zero=denoise)  # fmt: skip
+    error = rms_error(x, reference)
+    return error if math.isfinite(error) else math.inf
+
+
+def tune(
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    process: Process,
+    prediction: str,
+    nfes: Sequence[int],
+    *,
+    shape: Sequence[int],
+    samples: int = 64,
+    seed: int = 0,
+    candidates: Sequence[tuple[str, str]] = CANDIDATES,
+    search_top: int = 2,
+    search_iters: int = 12,
+    reference_solver: str = "dpmpp_2m",
+    reference_steps: int = 200,
+    reference_rtol: float = 0.01,
+    model_key_: str | None = None,
+    name: str = "",
+    log: Callable[[str], None] | None = None,
+) -> Tuning:
+    """Tune `model` (predicting `prediction` on `process`) at each budget in `nfes`; returns a `fewstep.Tuning`.
+
+    shape: one sample's shape (e.g. (1, 8, 8)); samples: calibration and selection batch sizes; seed: calibration
+    noise seed (selection uses seed + 1; report on another seed). search_top: how many of the best fixed
+    configurations get their grid searched, with `search_iters` iterations each (0: no search).
+    model_key_: the key of a model that is not a torch module (else its weights' SHA-256).
+    """
+    check_prediction(prediction)
+    if not isinstance(process, Process):
+        raise TypeError(f"process must be a fewstep Process (e.g. fewstep.EDM()), got {type(process).__name__}")
+    budgets = [check_int(n, "nfes", minimum=2, maximum=1000) for n in (nfes if isinstance(nfes, (list, tuple)) else [nfes])]
+    if not budgets:
+        raise ValueError("nfes must hold at least one NFE budget, e.g. [4, 5, 6, 8, 10]")
+    samples = check_int(samples, "samples", minimum=2, maximum=100_000)
+    for _, grid in candidates:
+        if grid not in SCHEDULES:
+            raise ValueError(f"candidate grid {grid!r} is not known; allowed values: {', '.join(SCHEDULES)}")
+    search_top = check_int(search_top, "search_top", minimum=0, maximum=1000)  # at most all candidates are searched
+    search_iters = check_int(search_iters, "search_iters", minimum=0, maximum=10_000)
+    reference_steps = check_int(reference_steps, "reference_steps", minimum=4, maximum=100_000)
+    key = model_key(model) if model_key_ is None else model_key_
+    say = log or (lambda text: None)
+    shape = tuple(int(n) for n in shape)
+
+    def noise_of(s: int) -> torch.Tensor:
+        return torch.randn(samples, *shape, generator=torch.Generator().manual_seed(s))
+
+    cal, sel = noise_of(seed), noise_of(seed + 1)
+    start = time.perf_counter()
+    ref_cal, record = converged_reference(model, cal, process, prediction, reference_solver, reference_steps, reference_rtol)
+    ref_sel, _ = converged_reference(model, sel, process, prediction, reference_solver, reference_steps, reference_rtol)
+    say(f"reference: {reference_solver} {reference_steps} steps, changes {record['change_from_half_steps']:.2e} from half "
+        f"the steps ({time.perf_counter() - start:.0f} s)")  # fmt: skip
+    tuning = Tuning(key, repr(process), prediction, reference=record, name=name)
+    for nfe in budgets:
+        tuning.entries[nfe] = _tune_one(model, process, prediction, nfe, cal, ref_cal, sel, ref_sel, candidates,
+                                        search_top, search_iters)  # fmt: skip
+        entry = tuning.entries[nfe]
+        say(f"NFE {nfe}: {entry.solver} on {entry.grid}, RMS {entry.error:.3g} (fallback {entry.fallback_error:.3g}), "
+            f"{time.perf_counter() - start:.0f} s")  # fmt: skip
+    return tuning
+
+
+def _tune_one(model, process, prediction, nfe, cal, ref_cal, sel, ref_sel, candidates, search_top, search_iters) -> TunedEntry:
+    """The best configuration at one budget, chosen on the selection noise (see the module doc)."""
+    configs: list[dict[str, Any]] = []
+    for solver, grid in candidates:
+        try:
+            steps, denoise = plan_for_nfe(solver, nfe, process)
+            error = _score(model, cal, ref_cal, process, prediction, solver, steps, grid, denoise)
+        except ValueError:  # budget not reachable, or grid undefined on this process
+            continue
+        configs.append(dict(solver=solver, steps=steps, denoise=denoise, schedule=grid, label=grid, cal=error))
+    if not configs:
+        raise ValueError(f"nfe={nfe} is below every candidate solver's minimum on {process!r}")
+    ranked = sorted((c for c in configs if math.isfinite(c["cal"])), key=lambda c: c["cal"])
+    for c in ranked[: search_top if search_iters > 0 else 0]:
+        searched = optimize_schedule(model, process, c["solver"], nfe, cal, prediction=prediction, init=c["schedule"],
+                                     reference=ref_cal, iters=search_iters, denoise_to_zero=c["denoise"])  # fmt: skip
+        configs.append(dict(c, schedule=searched.times, label=f"searched from {c['label']!r}", cal=searched.error))
+    fallback = recommended(nfe, process)
+    fallback_error = _score(model, sel, ref_sel, process, prediction, fallback["solver"], fallback["steps"],
+                            fallback["schedule"], fallback["denoise_to_zero"])  # fmt: skip
+    for c in configs:
+        c["sel"] = _score(model, sel, ref_sel, process, prediction, c["solver"], c["steps"], c["schedule"], c["denoise"])
+    best = min(configs, key=lambda c: c["sel"])
+    if not math.isfinite(best["sel"]):
+        raise TuningError(f"every configuration diverges at nfe={nfe} on this model (non-finite error)")
+    times = best["schedule"] if isinstance(best["schedule"], torch.Tensor) else Schedule(best["schedule"]).grid(
+        process, best["steps"], process.t_max, process.t_min)  # fmt: skip
+    return TunedEntry(
+        nfe=nfe,
+        solver=best["solver"],
+        steps=best["steps"],
+        times=[float(t) for t in times],
+        denoise_to_zero=best["denoise"],
+        grid=best["label"],
+        error=best["sel"],
+        fallback_error=fallback_error,
+        candidates={f"{c['solver']} {c['label']}": c["sel"] for c in configs},
+    )

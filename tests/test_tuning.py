@@ -1,0 +1,171 @@
+"""Model-aware defaults: `fewstep.tune` against the exact flow map, the tuning artefact (keyed, validated, never
+stale), and `fewstep.sample(..., solver="auto")` choosing tuned or fallback configurations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import fewstep
+from fewstep.accuracy import rms_error
+from fewstep.nets import build_model
+from fewstep.train import load_checkpoint, save_checkpoint
+from fewstep.tune import tune
+from fewstep.tuning import Tuning, TuningError, choose, model_digest, tuning_path
+
+PROCESS = fewstep.DiscreteVP.linear()
+MIXTURE = fewstep.mixture_nd(dim=4, components=3, seed=11)  # a held-out problem: no default was chosen on it
+FAST = dict(shape=(4,), samples=48, search_top=1, search_iters=6, reference_steps=200,
+            candidates=(("ddim", "logsnr"), ("dpmpp_2m", "logsnr"), ("dpmpp_2m", "quadratic"), ("deis", "logsnr"),
+                        ("unipc", "quadratic")))  # fmt: skip
+
+
+class KeyedModel:
+    """The exact eps model of MIXTURE with a tuning key (a callable that is not a torch module)."""
+
+    tuning_key = "mixture4d-exact"
+
+    def __init__(self, process=PROCESS):
+        self.exact = MIXTURE.model(process, "eps")
+
+    def __call__(self, x, t):
+        return self.exact(x, t)
+
+
+@pytest.fixture(scope="module")
+def tuned() -> Tuning:
+    return tune(KeyedModel(), PROCESS, "eps", [4, 6], model_key_="mixture4d-exact", **FAST)
+
+
+def test_tuned_default_beats_the_fallback_on_held_out_noise(tuned):
+    """Against the exact flow map, on noise of a seed neither calibration nor selection used."""
+    noise = torch.randn(256, 4, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+    exact = MIXTURE.flow_map(noise, PROCESS)
+    model = KeyedModel()
+    for nfe in (4, 6):
+        auto = fewstep.sample(model, noise, process=PROCESS, solver="auto", nfe=nfe, tuning=tuned)
+        fallback = fewstep.sample(model, noise, process=PROCESS, **fewstep.recommended(nfe, PROCESS))
+        assert auto.nfe == nfe and auto.choice["source"] == "tuned"
+        assert rms_error(auto, exact) < 0.9 * rms_error(fallback, exact), (nfe, auto.choice)
+        entry = tuned.entry(nfe)
+        assert entry.error <= min(entry.candidates.values()) + 1e-15  # chosen by the selection error
+        assert entry.error <= entry.fallback_error
+
+
+def test_artefact_round_trip_and_sample_kwargs(tuned, tmp_path):
+    path = tuned.save(tmp_path / "t.json")
+    loaded = Tuning.load(path)
+    assert loaded.to_dict() == json.loads(json.dumps(tuned.to_dict()))
+    noise = torch.randn(8, 4, dtype=torch.float64)
+    a = fewstep.sample(KeyedModel(), noise, process=PROCESS, solver="auto", nfe=6, tuning=path)
+    b = fewstep.sample(KeyedModel(), noise, process=PROCESS, **tuned.entry(6).sample_kwargs())
+    assert torch.equal(a, b)
+
+
+def test_auto_falls_back_and_says_why(tuned):
+    noise = torch.randn(8, 4, dtype=torch.float64)
+    x = fewstep.sample(KeyedModel(), noise, process=PROCESS, solver="auto", nfe=5, tuning=tuned)
+    assert x.choice["source"] == "fallback" and "no entry at nfe=5" in x.choice["reason"] and x.nfe == 5
+    bare = fewstep.sample(KeyedModel(), noise, process=PROCESS, solver="auto", nfe=5)
+    assert bare.choice["source"] == "fallback" and "no tuning" in bare.choice["reason"]
+    torch.testing.assert_close(bare, fewstep.sample(KeyedModel(), noise, process=PROCESS, **fewstep.recommended(5, PROCESS)))
+
+
+def test_a_tuning_for_another_model_process_or_prediction_is_refused(tuned):
+    other = KeyedModel()
+    other.tuning_key = "another-model"
+    noise = torch.randn(8, 4, dtype=torch.float64)
+    with pytest.raises(TuningError, match="model weights .* 'mixture4d-exact', not 'another-model'"):
+        fewstep.sample(other, noise, process=PROCESS, solver="auto", nfe=6, tuning=tuned)
+    cosine = fewstep.DiscreteVP.cosine()
+    with pytest.raises(TuningError, match="process"):
+        fewstep.sample(KeyedModel(cosine), noise, process=cosine, solver="auto", nfe=6, tuning=tuned)
+    with pytest.raises(TuningError, match="prediction"):
+        choose(KeyedModel(), PROCESS, "x0", 6, tuning=tuned)
+
+
+def test_weights_change_makes_an_attached_tuning_stale(tmp_path):
+    """A checkpoint's tuning is attached on load and used; after the weights change it is ignored, with the reason."""
+    config = {"model": {"net": {"type": "mlp", "dim": 2, "width": 8, "depth": 1}, "prediction": "eps"}}
+    model = build_model(config["model"], PROCESS)
+    sidecar = save_checkpoint(tmp_path / "checkpoint", model=model, config=config, step=1)
+    times = fewstep.time_grid(PROCESS, 3, PROCESS.t_max, PROCESS.t_min, "quadratic").tolist()
+    entry = {"nfe": 4, "solver": "ddim", "steps": 3, "times": times, "denoise_to_zero": True, "options": {}, "grid": "quadratic",
+             "error": 0.1, "fallback_error": 0.2, "candidates": {}}  # fmt: skip
+    key = {"model": model_digest(model), "process": repr(PROCESS), "prediction": "eps"}
+    data = {"format": "fewstep-tuning", "version": 1, "name": "", **key, "reference": {}, "entries": {"4": entry}}
+    Tuning.from_dict(data).save(tuning_path(sidecar))
+    loaded = load_checkpoint(sidecar)
+    noise = torch.randn(4, 2)
+    x = fewstep.sample(loaded.model, noise, process=loaded.process, solver="auto", nfe=4)
+    assert x.choice["source"] == "tuned" and x.choice["solver"] == "ddim"
+    with torch.no_grad():
+        next(loaded.model.parameters()).add_(1e-3)
+    x = fewstep.sample(loaded.model, noise, process=loaded.process, solver="auto", nfe=4)
+    assert x.choice["source"] == "fallback" and "model weights" in x.choice["reason"]
+
+
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda d: d.pop("model"), "'model' is missing"),
+        (lambda d: d.update(version=True), "version"),
+        (lambda d: d.update(entries=[]), "'entries' must be dict"),
+        (lambda d: d["entries"]["4"].update(steps=0), "steps"),
+        (lambda d: d["entries"]["4"].update(solver="bogus"), "solver='bogus'"),
+        (lambda d: d["entries"]["4"].update(times=[1.0, 0.5]), "entries.4.times"),
+        (lambda d: d["entries"]["4"].update(times=[0.001, 0.5, 0.7, 1.0]), "strictly decreasing"),
+        (lambda d: d["entries"]["4"].update(denoise_to_zero="yes"), "denoise_to_zero"),
+        (lambda d: d["entries"].update({"5": d["entries"]["4"]}), "holds the entry of nfe=4"),
+        (lambda d: d["entries"]["4"].update(bogus=1), "unknown field"),
+    ],
+)
+def test_malformed_artefacts_fail_naming_file_and_key(tmp_path, mutate, key):
+    times = fewstep.time_grid(PROCESS, 3, PROCESS.t_max, PROCESS.t_min).tolist()
+    data = {"format": "fewstep-tuning", "version": 1, "name": "x", "model": "k", "process": repr(PROCESS), "prediction": "eps",
+            "reference": {}, "entries": {"4": {"nfe": 4, "solver": "ddim", "steps": 3, "times": times, "denoise_to_zero": True,
+                                               "options": {}}}}  # fmt: skip
+    mutate(data)
+    path = tmp_path / "bad.tuning.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(TuningError, match=key) as info:
+        Tuning.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_corrupt_artefact_is_a_clear_error(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text('{"format": "fewstep-tuning", "vers')
+    with pytest.raises(TuningError, match=f"{path}.*not JSON"):
+        Tuning.load(path)
+
+
+def test_reference_that_does_not_converge_is_refused_with_numbers():
+    def oscillating(x, t):  # the drift flips sign on a time scale far below the reference's step
+        return x * 3.0 * torch.sign(torch.sin(4000.0 * t))[:, None]
+
+    with pytest.raises(TuningError, match=r"reference does not converge: dpmpp_2m with 20 and 40 steps differs by RMS"):
+        tune(oscillating, PROCESS, "eps", [4], shape=(2,), samples=8, reference_steps=40, model_key_="osc")
+
+
+def test_bad_input():
+    model = KeyedModel()
+    with pytest.raises(ValueError, match="nfes must be an integer >= 2"):
+        tune(model, PROCESS, "eps", [1], shape=(4,), model_key_="k")
+    with pytest.raises(ValueError, match="candidate grid 'bogus'"):
+        tune(model, PROCESS, "eps", [4], shape=(4,), model_key_="k", candidates=(("ddim", "bogus"),))
+    with pytest.raises(TuningError, match="string attribute `tuning_key`"):
+        tune(lambda x, t: x, PROCESS, "eps", [4], shape=(4,))
+    noise = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="pass nfe="):
+        fewstep.sample(model, noise, process=PROCESS, solver="auto")
+    with pytest.raises(ValueError, match="do not pass schedule"):
+        fewstep.sample(model, noise, process=PROCESS, solver="auto", nfe=4, schedule="logsnr")
+    with pytest.raises(ValueError, match="only with solver='auto'"):
+        fewstep.sample(model, noise, process=PROCESS, nfe=4)
+    with pytest.raises(TuningError, match="does not exist"):
+        fewstep.sample(model, noise, process=PROCESS, solver="auto", nfe=4, tuning="/nonexistent/t.json")
+    assert math.isfinite(float(fewstep.sample(model, noise, process=PROCESS, solver="auto", nfe=2).sum()))
