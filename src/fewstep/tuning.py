@@ -189,9 +189,18 @@ def tuning_path(checkpoint_json: str | os.PathLike) -> Path:
 
 
 def model_key(model: Any) -> str:
-    """The tuning key of a model: `model_digest` of a torch module, else its attribute `tuning_key` (a string)."""
+    """The tuning key of a model: `model_digest` of a torch module, else its attribute `tuning_key` (a string).
+
+    A module's digest is cached on it and recomputed only when a tensor of its state dict was replaced or changed
+    in place (torch's version counters), so `sample(solver="auto")` does not hash the weights at every call.
+    """
     if isinstance(model, torch.nn.Module):
-        return model_digest(model)
+        stamp = tuple((k, v.data_ptr(), v._version) for k, v in model.state_dict().items())
+        cached = getattr(model, "_fewstep_digest", None)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, model_digest(model))
+            object.__setattr__(model, "_fewstep_digest", cached)  # a plain attribute, not a registered buffer
+        return cached[1]
     key = getattr(model, "tuning_key", None)
     if not isinstance(key, str):
         raise TuningError(
