@@ -103,10 +103,7 @@ PROCESSES = {
     "edm": fewstep.EDM(),
     "rectified_flow": fewstep.RectifiedFlow(),
 }
-if hasattr(fewstep.DiscreteVP, "rescale_zero_terminal_snr"):
-    PROCESSES["discrete_vp_zero_snr"] = fewstep.DiscreteVP(
-        fewstep.DiscreteVP.rescale_zero_terminal_snr(fewstep.DiscreteVP.scaled_linear().betas)
-    )
+PROCESSES["discrete_vp_zero_snr"] = fewstep.DiscreteVP.scaled_linear(zero_terminal_snr=True)  # alpha(1) = 0
 
 SOLVERS = fewstep.solvers()
 SCHEDULES = [None, *fewstep.SCHEDULES, fewstep.Schedule("karras", rho=3.0), fewstep.Schedule("polyexponential", rho=2.0)]
@@ -125,6 +122,7 @@ INVALID_SAMPLE = {
     "callback": [5, "print"],
     "x0_fn": [5, lambda x0: x0[:, :1], lambda x0: x0.to(torch.float16)],
     "denoise_to_zero": ["yes", None, 2],
+    "nfe": [4, "4"],  # only with solver="auto"
 }
 
 
@@ -260,6 +258,24 @@ def test_a_model_returning_nan_is_named_with_step_evaluation_and_time(process, s
         return
     assert len(calls) < bad_at, f"the model returned {value} at evaluation {bad_at} and sample returned without an error"
     check_samples(x, noise, noise_to_signal(process, None))
+
+
+@given(
+    process=st.sampled_from(sorted(PROCESSES)),
+    prediction=st.sampled_from(["eps", "x0", "v", "velocity"]),
+    nfe=st.one_of(st.integers(2, 30), st.sampled_from([0, 1, -3, 2.5, "5", None, True, 10**9])),
+    u_start=st.one_of(st.none(), st.floats(0.3, 1.0)),
+)
+def test_auto_uses_exactly_the_budget_or_says_why_not(process, prediction, nfe, u_start):
+    process = PROCESSES[process]
+    t_start = None if u_start is None else time_in(process, u_start)
+    noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = MIXTURE.model(process, prediction)
+    x = outcome(fewstep.sample, model, noise, process=process, prediction=prediction, solver="auto", nfe=nfe, t_start=t_start,
+                names=["nfe", "prediction", "t_start"])  # fmt: skip
+    if x is not None:
+        assert x.nfe == nfe and x.choice["source"] == "fallback" and x.choice["nfe"] == nfe
+        check_samples(x, noise, noise_to_signal(process, t_start))
 
 
 # convert ------------------------------------------------------------------------------------------------------
