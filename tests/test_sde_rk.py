@@ -426,7 +426,7 @@ def test_noise_like_parts_split_the_step_of_a_noise_source():
 @pytest.mark.parametrize(
     "solver, options, match",
     [
-        ("euler", {"space": "sigma"}, "space='sigma' is not known; allowed values: 'time', 'edm'"),
+        ("euler", {"space": "sigma"}, "space='sigma' is not known; allowed values: time, edm"),
         ("heun", {"space": 1}, "space=1 is not known"),
         ("lms", {"order": 5}, r"order must be an integer in \[1, 4\]"),
         ("lms", {"order": 2.0}, "order must be an integer"),
@@ -435,7 +435,7 @@ def test_noise_like_parts_split_the_step_of_a_noise_source():
         ("euler_ancestral", {"s_noise": float("nan")}, "s_noise must be"),
         ("edm_sde", {"s_churn": -1.0}, "s_churn must be"),
         ("edm_sde", {"s_tmin": 2.0, "s_tmax": 1.0}, "s_tmax must be"),
-        ("ddpm", {"variance": "fixed_large"}, "variance='fixed_large' is not known; allowed values: 'posterior', 'beta'"),
+        ("ddpm", {"variance": "fixed_large"}, "variance='fixed_large' is not known; allowed values: posterior, beta"),
         ("pc", {"snr": -0.1}, "snr must be"),
         ("pc", {"corrector_steps": 1.5}, "corrector_steps must be an integer"),
         ("pc", {"predictor": "heun"}, "predictor='heun' is not known"),

@@ -147,13 +147,13 @@ def test_reference_that_does_not_converge_is_refused_with_numbers():
     def oscillating(x, t):  # the drift flips sign on a time scale far below the reference's step
         return x * 3.0 * torch.sign(torch.sin(4000.0 * t))[:, None]
 
-    with pytest.raises(TuningError, match=r"reference does not converge: dpmpp_2m with 20 and 40 steps differs by RMS"):
+    with pytest.raises(TuningError, match=r"does not converge: dpmpp_2m with 20 and 40 steps differs by RMS .*estimated error"):
         tune(oscillating, PROCESS, "eps", [4], shape=(2,), samples=8, reference_steps=40, model_key_="osc")
 
 
 def test_bad_input():
     model = KeyedModel()
-    with pytest.raises(ValueError, match="nfes must be an integer >= 2"):
+    with pytest.raises(ValueError, match=r"nfes must be an integer in \[2, 1000\]"):
         tune(model, PROCESS, "eps", [1], shape=(4,), model_key_="k")
     with pytest.raises(ValueError, match="candidate grid 'bogus'"):
         tune(model, PROCESS, "eps", [4], shape=(4,), model_key_="k", candidates=(("ddim", "bogus"),))

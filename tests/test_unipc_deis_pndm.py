@@ -150,7 +150,7 @@ def test_unipc_corrector_is_free_and_not_applied_after_the_last_step():
 @pytest.mark.parametrize(
     "solver,options,message",
     [
-        ("unipc", dict(variant="bh3"), "variant='bh3'.*allowed values: 'bh1', 'bh2'"),
+        ("unipc", dict(variant="bh3"), "variant='bh3'.*allowed values: bh1, bh2"),
         ("unipc", dict(order=5), r"order must be an integer in \[1, 3\], got order=5"),
         ("unipc", dict(order=0), "order=0"),
         ("unipc", dict(corrector="yes"), "corrector='yes'"),

@@ -65,6 +65,8 @@ def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {_describe(value)}")
     result = int(value)
+    if minimum is not None and maximum is not None and not minimum <= result <= maximum:
+        raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}], got {name}={result}")
     if minimum is not None and result < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={result}")
     if maximum is not None and result > maximum:

@@ -84,12 +84,6 @@ def sde_noise_scale(s: Node, t: Node) -> float:
     return t.sigma * math.sqrt(-math.expm1(-2.0 * (t.lam - s.lam)))
 
 
-def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    """Raise a ValueError naming the option and its allowed values when value is not one of them."""
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name}={value!r} is not known; allowed values: {', '.join(allowed)}")
-
-
 def model_output(pred: Prediction, kind: str) -> torch.Tensor:
     """The model output the method integrates: eps for noise prediction, x0 for data prediction (ODE or SDE)."""
     return pred.eps if kind == "noise" else pred.x0

@@ -13,7 +13,8 @@ import torch
 
 from ..parameterization import Prediction
 from ._core import Run, register
-from ._dpm import check_choice, finite, grid_node, model_output, sde_noise_scale, step
+from ._dpm import finite, grid_node, model_output, sde_noise_scale, step
+from ._options import check_choice
 
 THIRD_ORDER = ("taylor", "reference")
 

@@ -22,7 +22,8 @@ import torch
 
 from ..parameterization import Prediction
 from ._core import Run, register
-from ._dpm import Node, check_choice, finite, grid_node, log_snr_node, model_output, step
+from ._dpm import Node, finite, grid_node, log_snr_node, model_output, step
+from ._options import check_choice
 
 SOLVER_TYPES = ("dpmsolver", "taylor")
 INTERMEDIATES = ("logsnr", "grid")
