@@ -16,9 +16,11 @@ from fewstep.metrics import frechet_distance, gaussian_frechet_distance, mmd_rbf
 from fewstep.metrics.sliced import wasserstein_1d
 
 # FD bounds of the shipped models: 500 samples from seed 0 at NFE 10. Measured: digits_vp with ddim 2.39 (the same
-# model after 500 of its 7000 training steps: 18.6); digits_flow with heun (9 evaluations) 2.14. Real digits: ~1-2.
+# model after 500 of its 7000 training steps: 18.6); digits_flow with heun (9 evaluations) 2.14; digits_cosine_v
+# (cosine DiscreteVP, v prediction) with ddim 1.68. Real digits: ~1-2.
 FD_BOUND_VP = 3.5
 FD_BOUND_FLOW = 3.5
+FD_BOUND_COSINE_V = 2.5
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -216,7 +218,12 @@ def _shipped_fd(name: str, solver: str, nfe: int, n: int = 500) -> float:
 
 
 @pytest.mark.parametrize(
-    ("name", "solver", "nfe", "bound"), [("digits_vp", "ddim", 10, FD_BOUND_VP), ("digits_flow", "heun", 10, FD_BOUND_FLOW)]
+    ("name", "solver", "nfe", "bound"),
+    [
+        ("digits_vp", "ddim", 10, FD_BOUND_VP),
+        ("digits_flow", "heun", 10, FD_BOUND_FLOW),
+        ("digits_cosine_v", "ddim", 10, FD_BOUND_COSINE_V),
+    ],
 )
 def test_shipped_digits_model_fd(name, solver, nfe, bound):
     assert _shipped_fd(name, solver, nfe) < bound

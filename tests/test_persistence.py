@@ -80,12 +80,17 @@ def test_atomic_write_never_follows_a_planted_symlink(tmp_path, monkeypatch):
 @posix_only
 @pytest.mark.parametrize("umask", [0o027, 0o002])
 def test_atomic_write_takes_permissions_from_the_umask(tmp_path, umask):
+    """Also when the writer replaces the file instead of writing into it (safetensors' save_file makes it 0600)."""
+    from safetensors.torch import save_file
+
     old = os.umask(umask)
     try:
         path = io.atomic_write_bytes(tmp_path / "x.bin", b"data")
+        weights = io.atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp)))
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 @posix_only

@@ -117,7 +117,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     fd, tmp = _create_temporary(path)
     try:
         write(tmp)
-        os.fsync(fd)  # fsync flushes the file (inode), whichever descriptor `write` used
+        _settle(tmp, fd)
         if fcntl is None:  # Windows cannot replace an open file; there is no lock to hold
             os.close(fd)
             fd = None
@@ -129,6 +129,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
             tmp.unlink()
     _fsync_dir(path.parent)
     return path
+
+
+def _settle(tmp: Path, fd: int) -> None:
+    """fsync the file now at `tmp` and give it the permissions of the temporary file we created (from the umask).
+
+    A writer may replace the file instead of writing into it (safetensors' `save_file` writes a new file with mode
+    0600): then the new inode is the one to flush, and it gets the umask's permissions like every other file.
+    """
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    written = os.open(tmp, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    try:
+        if stat.S_IMODE(os.fstat(written).st_mode) != mode:
+            os.chmod(tmp, mode)
+        os.fsync(written)
+    finally:
+        os.close(written)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

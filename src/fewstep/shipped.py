@@ -2,7 +2,8 @@
 
 - "digits_vp":   DDPM-style eps model on the 8x8 digits, DiscreteVP linear (Ho et al., 2020), configs/digits_vp.toml;
 - "digits_flow": rectified-flow velocity model on the digits (Liu et al., 2023; Lipman et al., 2023),
-                 configs/digits_flow.toml.
+                 configs/digits_flow.toml;
+- "digits_cosine_v": v-prediction model on the digits, DiscreteVP cosine (Nichol & Dhariwal, 2021), configs/digits_cosine_v.toml.
 Each is a `fewstep train` checkpoint reduced to its EMA weights: `<name>.json` + `<name>-<step>.safetensors`.
 Made with `python -m fewstep.shipped export out/train/<name>/checkpoint.json <name> --train-seconds S`.
 """
@@ -14,7 +15,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-SHIPPED_MODELS = ("digits_vp", "digits_flow")
+SHIPPED_MODELS = ("digits_vp", "digits_flow", "digits_cosine_v")
 ASSETS = Path(__file__).parent / "assets"
 
 
