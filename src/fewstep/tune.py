@@ -51,20 +51,23 @@ def converged_reference(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The `steps`-step reference of `model` from `noise` and a record of its convergence (vs steps // 2).
 
-    The reference's own error is estimated as Richardson does for a second-order solver: |x_N - x_{N/2}| / 3
-    (the error falls 4x when the steps double). TuningError when that estimate exceeds `rtol` times the samples'
-    RMS: the reference is then not a reference, and tuning against it would tune to its error.
+    Each sample's own error is estimated as Richardson does for a second-order solver, |x_N - x_{N/2}| / 3 (the
+    error falls 4x when the steps double). TuningError when the median sample's estimate exceeds `rtol` times the
+    samples' RMS: the reference is then not a reference, and tuning against it would tune to its error. The median,
+    because a learned flow is chaotic near the boundary between two modes: a sample there moves far under any
+    perturbation (digits_flow: one in 64 samples changes 10x more than the rest), whatever the step count.
     """
     full = _reference(model, noise, process, prediction, solver, steps)
     half = _reference(model, noise, process, prediction, solver, steps // 2)
-    change, scale = rms_error(half, full), float(full.double().pow(2).mean().sqrt())
-    estimate = change / 3.0
-    record = dict(solver=solver, steps=steps, change_from_half_steps=change, estimated_error=estimate, sample_rms=scale)
-    if not math.isfinite(change) or estimate > rtol * max(scale, 1e-12):
+    per_sample = (half - full).double().flatten(1).pow(2).mean(1).sqrt() / 3.0
+    median, scale = float(per_sample.median()), float(full.double().pow(2).mean().sqrt())
+    record = dict(solver=solver, steps=steps, estimated_error_median=median, estimated_error_max=float(per_sample.max()),
+                  estimated_error_rms=float(per_sample.pow(2).mean().sqrt()), sample_rms=scale)  # fmt: skip
+    if not bool(torch.isfinite(per_sample).all()) or median > rtol * max(scale, 1e-12):
         raise TuningError(
-            f"the reference does not converge: {solver} with {steps // 2} and {steps} steps differs by RMS {change:.3g}, "
-            f"an estimated error of {estimate / max(scale, 1e-12):.2%} of the samples' RMS {scale:.3g} (allowed {rtol:.2%}); "
-            "raise reference_steps or check the model"
+            f"the reference does not converge: {solver} with {steps // 2} and {steps} steps gives a median sample an "
+            f"estimated error of {median:.3g} RMS ({median / max(scale, 1e-12):.2%} of the samples' RMS {scale:.3g}; allowed "
+            f"{rtol:.2%}; largest {record['estimated_error_max']:.3g}); raise reference_steps or check the model"
         )
     return full, record
 
@@ -126,7 +129,7 @@ def tune(
     start = time.perf_counter()
     ref_cal, record = converged_reference(model, cal, process, prediction, reference_solver, reference_steps, reference_rtol)
     ref_sel, _ = converged_reference(model, sel, process, prediction, reference_solver, reference_steps, reference_rtol)
-    say(f"reference: {reference_solver} {reference_steps} steps, estimated error {record['estimated_error']:.2e} RMS "
+    say(f"reference: {reference_solver} {reference_steps} steps, estimated error {record['estimated_error_median']:.2e} "
         f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
     tuning = Tuning(key, repr(process), prediction, reference=record, name=name)
     for nfe in budgets:
