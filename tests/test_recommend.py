@@ -37,3 +37,20 @@ def test_recommended_beats_ddim_and_dpmpp_2m_defaults_on_the_exact_problem(nfe):
 def test_recommended_bad_budget():
     with pytest.raises(ValueError, match="nfe must be an integer >= 2"):
         fewstep.recommended(1, fewstep.EDM())
+
+
+@pytest.mark.parametrize("nfe", [4, 6, 8, 10])
+def test_cosine_betas_get_the_quadratic_grid_and_beat_the_log_snr_rule(nfe):
+    """Cosine DiscreteVP starts at log-SNR -9.9: iPNDM on the quadratic grid, better than the log-SNR rule on a held-out
+    mixture (measured 0.53-0.75x); rectified flow (log-SNR -inf) keeps the time-uniform grid."""
+    process = fewstep.DiscreteVP.cosine()
+    mixture = fewstep.mixture_nd(dim=8, components=4, seed=7)
+    noise = torch.randn(128, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    reference = mixture.flow_map(noise, process)
+    model = mixture.model(process, "v")
+    kwargs = fewstep.recommended(nfe, process)
+    assert (kwargs["solver"], kwargs["schedule"]) == ("ipndm", "quadratic")
+    ours = rms_error(fewstep.sample(model, noise, process=process, prediction="v", **kwargs), reference)
+    old = dict(kwargs, solver="deis" if nfe <= 8 else "ipndm", schedule="logsnr")
+    assert ours < 0.9 * rms_error(fewstep.sample(model, noise, process=process, prediction="v", **old), reference)
+    assert fewstep.recommended(nfe, fewstep.RectifiedFlow())["schedule"] == "time_uniform"

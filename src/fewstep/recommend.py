@@ -1,14 +1,20 @@
-"""Recommended solver and grid per NFE budget, chosen from measurements (`fewstep bench accuracy --peers`, README).
+"""Recommended solver and grid per NFE budget (the fallback of `fewstep.sample(..., solver="auto")`), chosen from
+measurements on exact Gaussian mixtures and on learned models.
 
-Measured on the exact Gaussian-mixture problems (ring2d, mixture16d; DiscreteVP linear betas, eps model: error
-against the exact flow map for every deterministic solver x six grids at NFE 5-20) and checked on the shipped
-digits model (FD). Up to 8 evaluations: DEIS order 3 on a log-SNR grid (Zhang & Chen, "Fast Sampling of Diffusion
-Models with Exponential Integrator", ICLR 2023; identical here to multistep DPM-Solver-3 in noise prediction);
-from 9 on: iPNDM (fourth-order Adams-Bashforth on eps with the DDIM transfer and lower-order warm-up, same paper)
-on a log-SNR grid. Heun on a log-SNR grid is more accurate on the exact problems at 5 evaluations, but its two
-huge steps send a learned model far out of distribution (digits FD 158 against 10 for DEIS), so it is not
-recommended. Where the log-SNR is infinite at an end of the time range (RectifiedFlow from t = 1), the grid falls
-back to "time_uniform".
+The grid depends on how far the process reaches into pure noise. Where the log-SNR at the start is moderate
+(>= NOISY_END_LOG_SNR = -6: DDPM linear betas, -5.1; EDM, VE, continuous VP), a log-SNR grid: DEIS order 3 up to 8
+evaluations (Zhang & Chen, "Fast Sampling of Diffusion Models with Exponential Integrator", ICLR 2023; identical here
+to multistep DPM-Solver-3 in noise prediction), iPNDM from 9 on (fourth-order Adams-Bashforth on eps with the DDIM
+transfer, same paper). Where it is finite but far lower (the Improved-DDPM cosine betas, clipped at 0.999: -9.9 at
+t = 1), a log-SNR grid spends most of its steps where the data is invisible (digits_cosine_v at 7 steps: 4 of them
+above t = 0.98), so iPNDM on the quadratic grid (t quadratic in the step index) at every budget: worst ratio to the
+best fixed configuration at NFE 3-15 of 1.3-1.7 on the learned cosine model and 1.0-1.4 on exact mixtures, where
+the log-SNR rule gave 1.3-3.5 and 2.5-6.4 (README, "Recommended defaults"). The threshold -6 lies between the two
+measured schedules; schedules in between are not measured. Where the log-SNR is -inf at the start (rectified flow,
+zero terminal SNR) the log-SNR rule runs on a time-uniform grid: the measurements there disagree (quadratic is
+better on ring2d / mixture16d, time-uniform on a held-out 8-D mixture at 8-10 NFE). Heun on a log-SNR grid wins the
+exact problems at 5 evaluations, but its two huge steps send a learned model far out of distribution (digits FD 158
+against 10 for DEIS): never a default.
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ from typing import Any
 from .checks import MAX_STEPS
 from .processes import Process
 
-# (largest NFE of the band, solver, grid, solver options)
+# (largest NFE of the band, solver, grid, solver options); every solver here costs one evaluation per step
 RECOMMENDED: tuple[tuple[float, str, str, dict[str, Any]], ...] = (
     (8, "deis", "logsnr", {}),
     (math.inf, "ipndm", "logsnr", {}),
 )
+# where the process starts deep in pure noise (a finite log-SNR below NOISY_END_LOG_SNR at t_start)
+NOISY_END_LOG_SNR = -6.0
+RECOMMENDED_NOISY_END: tuple[tuple[float, str, str, dict[str, Any]], ...] = ((math.inf, "ipndm", "quadratic", {}),)
 
 
 def recommended(nfe: int, process: Process, *, t_start: float | None = None, t_end: float | None = None) -> dict[str, Any]:
@@ -36,11 +45,16 @@ def recommended(nfe: int, process: Process, *, t_start: float | None = None, t_e
     """
     if isinstance(nfe, bool) or not isinstance(nfe, int) or not 2 <= nfe <= MAX_STEPS:
         raise ValueError(f"nfe must be an integer >= 2 (and <= {MAX_STEPS}) for a recommendation, got nfe={nfe!r}")
-    solver, schedule, options = next((s, g, o) for top, s, g, o in RECOMMENDED if nfe <= top)
     lo = process.check_time(process.t_min if t_end is None else t_end, "t_end")
     hi = process.check_time(process.t_max if t_start is None else t_start, "t_start")
-    if not (math.isfinite(float(process.log_snr(lo))) and math.isfinite(float(process.log_snr(hi)))):
-        schedule = "time_uniform"
+    start_log_snr = float(process.log_snr(hi))
+    noisy_end = math.isfinite(start_log_snr) and start_log_snr < NOISY_END_LOG_SNR
+    bands = RECOMMENDED_NOISY_END if noisy_end else RECOMMENDED
+    solver, schedule, options = next((s, g, o) for top, s, g, o in bands if nfe <= top)
+    if schedule == "logsnr" and not (math.isfinite(start_log_snr) and math.isfinite(float(process.log_snr(lo)))):
+        schedule = "time_uniform"  # a log-SNR grid needs a finite log-SNR at both ends
+    if schedule == "quadratic" and lo < 0:
+        schedule = "time_uniform"  # the quadratic grid needs t >= 0
     denoise = float(process.sigma(lo)) > 0  # the final data prediction costs one more evaluation
     kwargs = dict(solver=solver, steps=nfe - 1 if denoise else nfe, schedule=schedule, denoise_to_zero=denoise, **options)
     kwargs.update({k: v for k, v in (("t_start", t_start), ("t_end", t_end)) if v is not None})
