@@ -232,6 +232,43 @@ def bench_overhead_command(
     console.print(table)
 
 
+@bench_app.command("learned")
+def bench_learned_command(
+    models: str = typer.Option(None, help="Comma-separated shipped models (default: every shipped model)."),
+    nfes: str = typer.Option("3,4,5,6,8,10,15,20", help="Comma-separated NFE budgets (>= 2)."),
+    n: int = typer.Option(256, min=2, max=100_000, help="Samples (report noise)."),
+    seed: int = typer.Option(2, min=0, max=MAX_SEED, help="Seed of the report noise (the tuning used 0 and 1)."),
+    no_peers: bool = typer.Option(False, "--no-peers", help="Skip diffusers and k-diffusion."),
+    out: Path = typer.Option(Path("out/bench"), help="Folder for learned.md, learned.json and learned.png."),
+) -> None:
+    """Tuned and fallback defaults vs every fixed configuration and the peers on the shipped learned models (RMSE to a
+    many-step reference on held-out noise, and FD)."""
+    import json
+    import time
+
+    from . import bench_learned as bl
+    from .shipped import SHIPPED_MODELS
+
+    names = parse_names(models, SHIPPED_MODELS, "--models", "model") if models is not None else list(SHIPPED_MODELS)
+    budget = parse_ints(nfes, "--nfes", minimum=2)
+    writable_dir(out, "--out")
+    start = time.perf_counter()
+    with usage_errors(options={"nfes": "--nfes", "nfe": "--nfes", "reference": "--models"}):
+        results = bl.bench_learned(names, budget, n=n, seed=seed, peers=not no_peers, log=console.print)
+    text = bl.report(results, bands=LEARNED_BANDS)
+    command = f"fewstep bench learned --models {','.join(names)} --nfes {nfes} --n {n} --seed {seed}"
+    text += f"\n`{command}`: {time.perf_counter() - start:.0f} s in all\n"
+    atomic_write_text(out / "learned.md", text)
+    atomic_write_text(out / "learned.json", json.dumps([r.to_dict() for r in results], indent=1, default=str))
+    bl.learned_plot(results, out / "learned.png")
+    for result in results:
+        console.print(bl.summary_markdown(result))
+    console.print(f"wrote {out / 'learned.md'}, {out / 'learned.json'} and {out / 'learned.png'}")
+
+
+LEARNED_BANDS = ((3, 4), (5, 6), (8,), (10,), (15, 20), (3, 4, 5, 6, 8), (10, 15, 20))  # fallback analysis bands
+
+
 @app.command("tune")
 def tune_command(
     model: str = typer.Argument(..., help="A shipped model name (digits_vp, digits_flow, ...) or a checkpoint path."),

@@ -1,11 +1,23 @@
-"""Comparison with peer libraries (`fewstep bench accuracy --peers`): diffusers schedulers and k-diffusion samplers
-on the same exact model as fewstep's entries and searched grids.
+"""Comparison with peer libraries: diffusers schedulers and k-diffusion samplers run on a fewstep model.
 
-The problem every sampler solves: the probability-flow ODE of a Gaussian mixture under DiscreteVP.linear() (DDPM
-betas, 1000 steps), from x = sigma(t=1) * noise (diffusers timestep 999) to the data (sigma = 0). The exact answer is
-`GaussianMixture.flow_map`. diffusers schedulers get the exact eps model at their (possibly fractional) timesteps;
-k-diffusion samplers get the exact denoiser D(x, sigma) in their sigma = sigma/alpha space. A peer's NFE is counted
-by wrapping its model, and its step count is chosen so that it uses exactly the requested NFE.
+One adapter serves `fewstep bench accuracy --peers` (the exact eps model of a Gaussian mixture under
+DiscreteVP.linear(), against the exact flow map) and `fewstep bench learned` (the shipped networks, against a
+many-step reference). A `Target` is any fewstep model: `model(x, t)` predicting `prediction` on `process`.
+
+- DiscreteVP with eps, v or x0 prediction: diffusers schedulers get the process's betas (and its float64
+  alphas_cumprod) and the prediction type the model predicts ("epsilon", "v_prediction", "sample"; PNDM, which only
+  takes eps or v, gets an x0 model's output converted to eps by `fewstep.convert`); the model is called at the
+  scheduler's (possibly fractional) timestep k as t = `process.time_from_timestep(k)`. k-diffusion samplers get the
+  denoiser D(x, sigma) in their sigma = sigma/alpha space, the model's prediction converted to x0 by
+  `fewstep.convert` at t = `process.t_from_log_snr(-2 log sigma)`.
+- RectifiedFlow with velocity prediction: the diffusers schedulers that take flow prediction (FlowMatchEuler,
+  FlowMatchHeun; DPMSolverMultistep, DPMSolverSinglestep, UniPC and DEIS with use_flow_sigmas), the model called
+  at t = timestep / num_train_timesteps. k-diffusion has no flow sampler: its sigma = t / (1 - t) is infinite at the
+  flow's start.
+
+Every sampler starts from x = sigma(t_max) * noise (diffusers timestep N - 1 / flow sigma 1). A peer's NFE is
+counted by wrapping its model, and its step count is chosen so that it uses exactly the requested NFE (probed on
+one sample, then run on the batch).
 """
 
 from __future__ import annotations
@@ -26,10 +38,31 @@ from .bench import AccuracyRow
 from .budget import plan_for_nfe
 from .gmm import GaussianMixture, problem
 from .grids import ScheduleLike
-from .processes import DiscreteVP
+from .parameterization import convert
+from .processes import DiscreteVP, Process, RectifiedFlow
 from .sampling import sample
 
-PeerRun = Callable[[GaussianMixture, torch.Tensor, int], torch.Tensor]
+
+@dataclass(frozen=True)
+class Target:
+    """What a peer samples: `model(x, t)` (t in the process's own time, [batch]) predicting `prediction` on `process`."""
+
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    process: Process
+    prediction: str
+
+
+def mixture_target(mixture: GaussianMixture, process: Process | None = None, prediction: str = "eps") -> Target:
+    """The exact model of a Gaussian mixture as a peer target (default: eps on DiscreteVP.linear())."""
+    process = DiscreteVP.linear() if process is None else process
+    return Target(mixture.model(process, prediction), process, prediction)
+
+
+def as_target(target: Target | GaussianMixture) -> Target:
+    return mixture_target(target) if isinstance(target, GaussianMixture) else target
+
+
+PeerRun = Callable[[Target, torch.Tensor, int], tuple[torch.Tensor, int]]
 
 
 class _Counted:
@@ -41,26 +74,56 @@ class _Counted:
         return self.fn(*args)
 
 
-def _diffusers_peer(factory: Callable[[], object]) -> PeerRun:
-    """A diffusers scheduler loop (scale_model_input, eps model, step) as a peer run."""
+def _time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A scalar time as the [batch] tensor a fewstep model takes (float64 for float64 x, else float32)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return t.to(device=x.device, dtype=dtype).reshape(()).expand(x.shape[0])
 
-    def run(mixture: GaussianMixture, noise: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
-        process = DiscreteVP.linear()
+
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample", "velocity": "flow_prediction"}
+EPS_OR_V_ONLY = ("PNDMScheduler",)  # schedulers that reject "sample": an x0 model's output goes in as eps
+
+
+def _set_schedule(scheduler, process: DiscreteVP) -> None:
+    """The process's float64 alphas_cumprod in the scheduler (diffusers keeps float32) and what it derives from it."""
+    ac = process.alphas_cumprod.clone()
+    scheduler.alphas_cumprod = ac
+    if hasattr(scheduler, "lambda_t"):  # DPM-Solver family: used to clip the last timesteps (lambda_min_clipped)
+        scheduler.alpha_t, scheduler.sigma_t = ac.sqrt(), (1 - ac).sqrt()
+        scheduler.lambda_t = scheduler.alpha_t.log() - scheduler.sigma_t.log()
+
+
+def _diffusers_peer(factory: Callable[[], object]) -> PeerRun:
+    """A diffusers scheduler loop (scale_model_input, model, step) on a fewstep model, as a peer run."""
+
+    def run(target: Target, noise: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
+        process, prediction = target.process, target.prediction
         scheduler = factory()
-        scheduler.alphas_cumprod = process.alphas_cumprod.clone()  # float64 schedule (diffusers keeps float32)
+        if isinstance(process, DiscreteVP):
+            _set_schedule(scheduler, process)
+
+            def time_of(k):
+                return process.time_from_timestep(torch.as_tensor(float(k), dtype=torch.float64))
+        else:  # flow: diffusers' timestep is sigma * num_train_timesteps, and RectifiedFlow's sigma is t
+            n = scheduler.config.num_train_timesteps
+
+            def time_of(k):
+                return torch.as_tensor(float(k), dtype=torch.float64) / n
+
+        as_eps = prediction == "x0" and type(scheduler).__name__ in EPS_OR_V_ONLY
         scheduler.set_timesteps(steps)
-        eps = mixture.model(process, "eps")
 
         def model(x, k):
-            t = process.time_from_timestep(torch.as_tensor(float(k), dtype=torch.float64)).expand(x.shape[0])
-            return eps(x, t)
+            t = _time(time_of(k), x)
+            out = target.model(x, t)
+            return convert(out, x, t, process, source="x0", target="eps") if as_eps else out
 
         counted = _Counted(model)
-        # Start as fewstep does, at t = 1 (timestep 999) from sigma(1) * noise in VP coordinates; sigma-space
+        # Start as fewstep does, at t_max from sigma(t_max) * noise in the process's coordinates; sigma-space
         # schedulers (Euler, Heun, LMS) hold x / alpha and have init_noise_sigma = 1 / alpha(1).
-        x = noise * float(process.sigma(1.0)) * float(scheduler.init_noise_sigma)
+        x = noise * float(process.sigma(process.t_max)) * float(getattr(scheduler, "init_noise_sigma", 1.0))
         for k in scheduler.timesteps:
-            x_in = scheduler.scale_model_input(x, k)
+            x_in = scheduler.scale_model_input(x, k) if hasattr(scheduler, "scale_model_input") else x
             x = scheduler.step(counted(x_in, k), k, x).prev_sample
         return x, counted.calls
 
@@ -71,9 +134,10 @@ def _kdiffusion_sampling():
     """Import `k_diffusion.sampling` without the package's __init__ (which needs torchvision, CLIP, wandb...).
 
     Only the samplers are used; `k_diffusion.utils` imports torchvision's image transforms at module level, so a
-    placeholder module stands in for them (no sampler touches it). Returns None when k-diffusion is absent.
+    placeholder module stands in for them (no sampler touches it). k-diffusion is looked for in the site packages
+    and on sys.path (e.g. PYTHONPATH). Returns None when k-diffusion is absent.
     """
-    for base in site.getsitepackages() + [site.getusersitepackages()]:
+    for base in site.getsitepackages() + [site.getusersitepackages()] + [p for p in sys.path if p]:
         path = Path(base) / "k_diffusion"
         if (path / "sampling.py").exists():
             break
@@ -97,29 +161,102 @@ def _kdiffusion_sampling():
         return None
 
 
+def _edm_sigma(process: Process, t: float) -> float:
+    """k-diffusion's sigma = sigma(t) / alpha(t) (inf where alpha = 0)."""
+    alpha, sigma = float(process.alpha(t)), float(process.sigma(t))
+    return sigma / alpha if alpha > 0 else math.inf
+
+
 def _kdiffusion_peer(sampler: str, sigmas: str) -> PeerRun:
-    def run(mixture: GaussianMixture, noise: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
+    def run(target: Target, noise: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
         kd = _kdiffusion_sampling()
-        process = DiscreteVP.linear()
-        sigma_max = float(process.sigma(1.0) / process.alpha(1.0))
-        sigma_min = float(process.sigma(process.t_min) / process.alpha(process.t_min))
+        process, prediction = target.process, target.prediction
+        sigma_max, sigma_min = _edm_sigma(process, process.t_max), _edm_sigma(process, process.t_min)
         if sigmas == "karras":
-            grid = kd.get_sigmas_karras(steps, sigma_min, sigma_max, device="cpu").double()
+            grid = kd.get_sigmas_karras(steps, sigma_min, sigma_max, device="cpu")
         else:
-            grid = kd.get_sigmas_exponential(steps, sigma_min, sigma_max, device="cpu").double()
+            grid = kd.get_sigmas_exponential(steps, sigma_min, sigma_max, device="cpu")
 
-        def denoiser(x, sigma):  # EDM space: x = x0 + sigma * eps
-            return mixture.posterior_mean(x, 1.0, sigma.to(torch.float64))[0]
+        def denoiser(x, sigma):  # EDM space: x = x0 + sigma * eps, i.e. x / alpha(t) in the process's coordinates
+            s = sigma.reshape(-1)[0].to(torch.float64)
+            t = process.t_from_log_snr(-s.log()).clamp(process.t_min, process.t_max)  # lambda = log(alpha / sigma)
+            alpha = float(process.alpha(t))
+            x_t, t_b = x * alpha, _time(t, x)
+            return convert(target.model(x_t, t_b), x_t, t_b, process, source=prediction, target="x0")
 
+        # sigmas in the noise's dtype: the samplers' sigma-shaped tensors would otherwise promote float32 x to float64
         counted = _Counted(denoiser)
-        x = getattr(kd, sampler)(counted, noise * sigma_max, grid, disable=True)
+        x = getattr(kd, sampler)(counted, noise * sigma_max, grid.to(noise.dtype), disable=True)
         return x, counted.calls
 
     return run
 
 
-def peers() -> dict[str, PeerRun]:
-    """The installed peers: name -> run(mixture, noise, steps) -> (x0, nfe)."""
+KDIFFUSION_SAMPLERS = ("sample_euler", "sample_heun", "sample_dpm_2", "sample_lms", "sample_dpmpp_2m")
+
+
+LAMBDA_MIN_CLIPPED = -5.1  # diffusers' documented value for the cosine schedule (lambda = log(alpha / sigma))
+
+
+def _diffusers_configs(d, target: Target) -> dict[str, Callable[[], object]]:
+    """The diffusers schedulers (name -> factory) that can sample this target; {} when none can."""
+    process, prediction = target.process, target.prediction
+    if isinstance(process, RectifiedFlow) and prediction == "velocity":
+        flow = dict(num_train_timesteps=1000, use_flow_sigmas=True, prediction_type="flow_prediction")
+        return {
+            "diffusers FlowMatchEuler": lambda: d.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000),
+            "diffusers FlowMatchHeun": lambda: d.FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000),
+            "diffusers DPMSolverMultistep 2M flow": lambda: d.DPMSolverMultistepScheduler(**flow),
+            "diffusers DPMSolverMultistep 3M flow": lambda: d.DPMSolverMultistepScheduler(**flow, solver_order=3),
+            "diffusers DPMSolverSinglestep 2 flow": lambda: d.DPMSolverSinglestepScheduler(**flow, solver_order=2),
+            "diffusers UniPC bh2 flow": lambda: d.UniPCMultistepScheduler(**flow),
+            "diffusers UniPC bh1 order 3 flow": lambda: d.UniPCMultistepScheduler(**flow, solver_type="bh1", solver_order=3),
+            "diffusers DEIS 2 flow": lambda: d.DEISMultistepScheduler(**flow),
+        }  # fmt: skip
+    if not isinstance(process, DiscreteVP) or prediction not in ("eps", "v", "x0"):
+        return {}
+    betas = process.betas.tolist()
+    base = dict(num_train_timesteps=process.num_timesteps, trained_betas=betas, prediction_type=DIFFUSERS_PREDICTION[prediction])
+    # PNDM takes eps or v only: an x0 model's output is converted to eps (see _diffusers_peer)
+    pndm = dict(base, prediction_type="epsilon") if prediction == "x0" else base
+    configs = {
+        # DDIM steps from t to t - N // steps whatever its spacing, so only "trailing" (which starts at N - 1 like
+        # everyone here) is consistent with its own timesteps (to one timestep).
+        "diffusers DDIM": lambda: d.DDIMScheduler(**base, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing"),
+        "diffusers DPMSolverMultistep 2M": lambda: d.DPMSolverMultistepScheduler(**base),
+        "diffusers DPMSolverMultistep 3M": lambda: d.DPMSolverMultistepScheduler(**base, solver_order=3),
+        "diffusers DPMSolverMultistep 2M karras": lambda: d.DPMSolverMultistepScheduler(**base, use_karras_sigmas=True),
+        "diffusers DPMSolverMultistep 2M lu-lambdas": lambda: d.DPMSolverMultistepScheduler(**base, use_lu_lambdas=True),
+        "diffusers DPMSolverSinglestep 2": lambda: d.DPMSolverSinglestepScheduler(**base, solver_order=2),
+        "diffusers DPMSolverSinglestep 3": lambda: d.DPMSolverSinglestepScheduler(**base, solver_order=3),
+        "diffusers UniPC bh2 (order 2)": lambda: d.UniPCMultistepScheduler(**base),
+        "diffusers UniPC bh1 order 3": lambda: d.UniPCMultistepScheduler(**base, solver_type="bh1", solver_order=3),
+        "diffusers UniPC bh2 karras": lambda: d.UniPCMultistepScheduler(**base, use_karras_sigmas=True),
+        "diffusers DEIS 2": lambda: d.DEISMultistepScheduler(**base),
+        "diffusers DEIS 3": lambda: d.DEISMultistepScheduler(**base, solver_order=3),
+        "diffusers Euler": lambda: d.EulerDiscreteScheduler(**base, timestep_spacing="linspace"),
+        "diffusers Euler karras": lambda: d.EulerDiscreteScheduler(**base, use_karras_sigmas=True, timestep_spacing="linspace"),
+        "diffusers Heun": lambda: d.HeunDiscreteScheduler(**base, timestep_spacing="linspace"),
+        "diffusers LMS": lambda: d.LMSDiscreteScheduler(**base, timestep_spacing="linspace"),
+        "diffusers PNDM (PLMS)": lambda: d.PNDMScheduler(**pndm, skip_prk_steps=True, timestep_spacing="linspace"),
+    }  # fmt: skip
+    if float(process.log_snr(process.t_max)) < LAMBDA_MIN_CLIPPED - 1:
+        # A schedule that reaches far below log-SNR -5.1 at its last timestep (cosine): diffusers' documented settings
+        # for it, clipping the DPM-Solver's first steps (lambda_min_clipped) and the "trailing" spacing.
+        configs["diffusers DPMSolverMultistep 2M lambda_min_clipped"] = lambda: d.DPMSolverMultistepScheduler(
+            **base, lambda_min_clipped=LAMBDA_MIN_CLIPPED
+        )
+        configs["diffusers DPMSolverMultistep 2M trailing"] = lambda: d.DPMSolverMultistepScheduler(
+            **base, timestep_spacing="trailing"
+        )
+        configs["diffusers UniPC bh2 trailing"] = lambda: d.UniPCMultistepScheduler(**base, timestep_spacing="trailing")
+    return configs
+
+
+def peers(target: Target | None = None) -> dict[str, PeerRun]:
+    """The installed peers that can sample `target` (default: an eps model on DiscreteVP.linear()):
+    name -> run(target, noise, steps) -> (x0, nfe)."""
+    probe = Target(lambda x, t: x, DiscreteVP.linear(), "eps") if target is None else target
     found: dict[str, PeerRun] = {}
     try:
         import diffusers as d
@@ -127,43 +264,28 @@ def peers() -> dict[str, PeerRun]:
         d = None
     if d is not None:
         d.utils.logging.set_verbosity_error()  # their config-fix-up notices would flood the benchmark output
-        base = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
-        configs = {
-            # DDIM steps from t to t - N // steps whatever its spacing, so only "trailing" (which starts at 999 like
-            # everyone here) is consistent with its own timesteps (to one timestep).
-            "diffusers DDIM": lambda: d.DDIMScheduler(**base, clip_sample=False, set_alpha_to_one=True,
-                                                      timestep_spacing="trailing"),
-            "diffusers DPMSolverMultistep 2M": lambda: d.DPMSolverMultistepScheduler(**base),
-            "diffusers DPMSolverMultistep 3M": lambda: d.DPMSolverMultistepScheduler(**base, solver_order=3),
-            "diffusers DPMSolverMultistep 2M karras": lambda: d.DPMSolverMultistepScheduler(**base, use_karras_sigmas=True),
-            "diffusers DPMSolverMultistep 2M lu-lambdas": lambda: d.DPMSolverMultistepScheduler(**base, use_lu_lambdas=True),
-            "diffusers DPMSolverSinglestep 2": lambda: d.DPMSolverSinglestepScheduler(**base, solver_order=2),
-            "diffusers DPMSolverSinglestep 3": lambda: d.DPMSolverSinglestepScheduler(**base, solver_order=3),
-            "diffusers UniPC bh2 (order 2)": lambda: d.UniPCMultistepScheduler(**base),
-            "diffusers UniPC bh1 order 3": lambda: d.UniPCMultistepScheduler(**base, solver_type="bh1", solver_order=3),
-            "diffusers UniPC bh2 karras": lambda: d.UniPCMultistepScheduler(**base, use_karras_sigmas=True),
-            "diffusers DEIS 2": lambda: d.DEISMultistepScheduler(**base),
-            "diffusers DEIS 3": lambda: d.DEISMultistepScheduler(**base, solver_order=3),
-            "diffusers Euler": lambda: d.EulerDiscreteScheduler(**base, timestep_spacing="linspace"),
-            "diffusers Euler karras": lambda: d.EulerDiscreteScheduler(**base, use_karras_sigmas=True,
-                                                                       timestep_spacing="linspace"),
-            "diffusers Heun": lambda: d.HeunDiscreteScheduler(**base, timestep_spacing="linspace"),
-            "diffusers LMS": lambda: d.LMSDiscreteScheduler(**base, timestep_spacing="linspace"),
-            "diffusers PNDM (PLMS)": lambda: d.PNDMScheduler(**base, skip_prk_steps=True, timestep_spacing="linspace"),
-        }  # fmt: skip
-        found.update({name: _diffusers_peer(factory) for name, factory in configs.items()})
-    if _kdiffusion_sampling() is not None:
-        for sampler in ("sample_euler", "sample_heun", "sample_dpm_2", "sample_lms", "sample_dpmpp_2m"):
+        found.update({name: _diffusers_peer(factory) for name, factory in _diffusers_configs(d, probe).items()})
+    finite_start = math.isfinite(_edm_sigma(probe.process, probe.process.t_max))
+    if finite_start and probe.prediction in ("eps", "v", "x0", "velocity", "score") and _kdiffusion_sampling() is not None:
+        for sampler in KDIFFUSION_SAMPLERS:
             for sigmas in ("karras", "exponential"):
                 found[f"k-diffusion {sampler.removeprefix('sample_')} {sigmas}"] = _kdiffusion_peer(sampler, sigmas)
     return found
 
 
-def run_at_nfe(peer: PeerRun, mixture: GaussianMixture, noise: torch.Tensor, nfe: int) -> torch.Tensor | None:
-    """The peer's result using exactly `nfe` model calls (None when no step count gives exactly that)."""
+def run_at_nfe(peer: PeerRun, target: Target | GaussianMixture, noise: torch.Tensor, nfe: int) -> torch.Tensor | None:
+    """The peer's result using exactly `nfe` model calls (None when no step count gives exactly that).
+
+    The step count is found on the first sample alone (a deterministic sampler's count does not depend on the batch),
+    then the whole batch is run once with it.
+    """
+    target = as_target(target)
     for steps in range(1, nfe + 1):
-        x, used = peer(mixture, noise, steps)
+        _, used = peer(target, noise[:1], steps)
         if used == nfe:
+            x, used = peer(target, noise, steps)
+            if used != nfe:
+                raise RuntimeError(f"the peer used {used} evaluations on the batch, {nfe} on one sample")
             return x
         if used > nfe:
             return None
@@ -221,7 +343,8 @@ def peer_accuracy(
             mixture = problem(name)
             noise = torch.randn(samples, mixture.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
             reference = mixture.flow_map(noise, process)
-            model = mixture.model(process, "eps")
+            target = mixture_target(mixture, process)
+            model = target.model
             for entry in entries:
                 errors = {}
                 for nfe in nfes:
@@ -262,7 +385,7 @@ def peer_accuracy(
                 errors = {}
                 for nfe in nfes:
                     bar.update(1)
-                    x = run_at_nfe(run, mixture, noise, nfe)
+                    x = run_at_nfe(run, target, noise, nfe)
                     errors[nfe] = math.nan if x is None else rms_error(x, reference)
                 rows.append(AccuracyRow(name, repr(process), peer_name, "", errors))
     return rows
