@@ -169,3 +169,17 @@ def test_bad_input():
     with pytest.raises(TuningError, match="does not exist"):
         fewstep.sample(model, noise, process=PROCESS, solver="auto", nfe=4, tuning="/nonexistent/t.json")
     assert math.isfinite(float(fewstep.sample(model, noise, process=PROCESS, solver="auto", nfe=2).sum()))
+
+
+def test_cli_sample_auto_reports_its_choice(tmp_path):
+    from typer.testing import CliRunner
+
+    from fewstep.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["sample", "--solver", "auto", "--nfe", "6", "--n", "8", "--out", str(tmp_path / "x.npy")])
+    assert ok.exit_code == 0 and "solver auto: fallback deis on logsnr, 5 steps" in " ".join(ok.output.split())
+    assert "NFE 6" in ok.output
+    for args in (["--solver", "auto"], ["--nfe", "5"]):
+        bad = runner.invoke(app, ["sample", *args, "--out", str(tmp_path / "y.npy")])
+        assert bad.exit_code == 2 and "--nfe goes with --solver auto" in bad.output

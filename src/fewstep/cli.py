@@ -84,8 +84,9 @@ def demo_command(
 
 @app.command("sample")
 def sample_command(
-    solver: str = typer.Option("dpmpp_2m", help="Solver name (see `fewstep solvers`)."),
+    solver: str = typer.Option("dpmpp_2m", help="Solver name (see `fewstep solvers`), or auto (with --nfe)."),
     steps: int = typer.Option(10, min=1, help="Solver steps."),
+    nfe: int = typer.Option(None, min=2, max=100_000, help="NFE budget for --solver auto (it picks solver, steps, grid)."),
     schedule: str = typer.Option(None, help=f"Grid: {', '.join(SCHEDULES)} (default: the process's default)."),
     process: str = typer.Option("discrete_vp", help=PROCESS_HELP),
     problem: str = typer.Option("ring2d", help="Exact Gaussian-mixture model: ring2d or mixture16d."),
@@ -100,7 +101,9 @@ def sample_command(
     from . import gmm
     from .sampling import sample
 
-    choice(solver, _solver_names(), "--solver")
+    choice(solver, (*_solver_names(), "auto"), "--solver")
+    if (solver == "auto") != (nfe is not None):
+        raise typer.BadParameter("--nfe goes with --solver auto (which picks solver, steps and grid for it)", param_hint="--nfe")
     if schedule is not None:
         choice(schedule, SCHEDULES, "--schedule")
     proc = _process(process)
@@ -112,9 +115,13 @@ def sample_command(
     noise = torch.randn(n, mixture.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     # e.g. more steps than allowed, or a grid not defined on this process (whose t_start / t_end the process sets)
     blame = {"schedule": "--schedule", "steps": "--steps", "solver": "--solver", "t_start": "--process", "t_end": "--process"}
-    with usage_errors(options=blame):
-        x = sample(mixture.model(proc, prediction), noise, process=proc, prediction=prediction, solver=solver, steps=steps,
-                   schedule=schedule, progress=True)  # fmt: skip
+    plan = dict(solver="auto", nfe=nfe) if solver == "auto" else dict(solver=solver, steps=steps, schedule=schedule)
+    with usage_errors(options={**blame, "nfe": "--nfe"}):
+        x = sample(mixture.model(proc, prediction), noise, process=proc, prediction=prediction, progress=True, **plan)
+    if solver == "auto":
+        c = x.choice
+        console.print(f"solver auto: {c['source']} {c['solver']} on {c['schedule']}, {c['steps']} steps ({c['reason']})")
+        solver, steps = c["solver"], c["steps"]
     if out.suffix == ".npy":
         from .io import atomic_write
 
