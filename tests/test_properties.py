@@ -112,7 +112,7 @@ BAD_OPTION_VALUES = ["bogus", NAN, complex(1.0, 1.0)]
 
 INVALID_SAMPLE = {
     "steps": [0, -2, 2.5, True, "4", 10**12, None],
-    "solver": ["bogus", 3, None],
+    "solver": ["bogus", 3, None, ["ddim"]],
     "prediction": ["noise", None, 1],
     "schedule": ["bogus", 7, torch.tensor([1.0, 2.0]), torch.full((3,), NAN)],
     "t_start": BAD_SCALARS,

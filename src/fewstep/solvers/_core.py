@@ -60,7 +60,8 @@ def register(name: str, *, order: int, stochastic: bool = False) -> Callable[[So
 
 
 def get_solver(name: str) -> SolverSpec:
-    if name not in _REGISTRY:
+    """The registered solver `name`; a ValueError naming `solver` and the allowed values otherwise (also for non-strings)."""
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"solver={name!r} is not known; allowed values: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
