@@ -6,6 +6,7 @@ numeric option validates it here, so that bad input always gives a ValueError na
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Any
@@ -37,10 +38,8 @@ def check_real(
     tensors of several elements and (when `finite`) NaN and infinities; `positive` / `nonnegative` bound the sign.
     """
     if hasattr(value, "__array__") and not isinstance(value, (torch.Tensor, numbers.Number)):
-        try:
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):  # not convertible: rejected below
             value = torch.as_tensor(value)
-        except (TypeError, ValueError, RuntimeError):
-            pass
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
             raise ValueError(f"{name} must be a real number, got a {value.dtype} tensor of shape {tuple(value.shape)}")
