@@ -37,7 +37,7 @@ class KeyedModel:
 
 @pytest.fixture(scope="module")
 def tuned() -> Tuning:
-    return tune(KeyedModel(), PROCESS, "eps", [4, 6], model_key_="mixture4d-exact", **FAST)
+    return tune(KeyedModel(), PROCESS, "eps", [4, 6], model_key="mixture4d-exact", **FAST)
 
 
 def test_tuned_default_beats_the_fallback_on_held_out_noise(tuned):
@@ -148,15 +148,15 @@ def test_reference_that_does_not_converge_is_refused_with_numbers():
         return x * 3.0 * torch.sign(torch.sin(4000.0 * t))[:, None]
 
     with pytest.raises(TuningError, match=r"not converge: dpmpp_2m with 20 and 40 steps gives a median sample"):
-        tune(oscillating, PROCESS, "eps", [4], shape=(2,), samples=8, reference_steps=40, model_key_="osc")
+        tune(oscillating, PROCESS, "eps", [4], shape=(2,), samples=8, reference_steps=40, model_key="osc")
 
 
 def test_bad_input():
     model = KeyedModel()
     with pytest.raises(ValueError, match=r"nfes must be an integer in \[2, 1000\]"):
-        tune(model, PROCESS, "eps", [1], shape=(4,), model_key_="k")
+        tune(model, PROCESS, "eps", [1], shape=(4,), model_key="k")
     with pytest.raises(ValueError, match="candidate grid 'bogus'"):
-        tune(model, PROCESS, "eps", [4], shape=(4,), model_key_="k", candidates=(("ddim", "bogus"),))
+        tune(model, PROCESS, "eps", [4], shape=(4,), model_key="k", candidates=(("ddim", "bogus"),))
     with pytest.raises(TuningError, match="string attribute `tuning_key`"):
         tune(lambda x, t: x, PROCESS, "eps", [4], shape=(4,))
     noise = torch.randn(2, 4, dtype=torch.float64)

@@ -16,12 +16,39 @@ import torch
 MAX_STEPS = 100_000  # a bound on `steps` far beyond any useful grid, so a typo cannot allocate or loop for hours
 
 
+def short_repr(value: Any) -> str:
+    """repr(value), cut to 60 characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _describe(value: Any) -> str:
     """A short description of a rejected value for error messages: its repr (truncated) and type."""
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({type(value).__name__})"
+    return f"{short_repr(value)} ({type(value).__name__})"
+
+
+def typed_key(
+    data: Any,
+    key: str,
+    kind: type | tuple[type, ...],
+    *,
+    error: type[Exception] = ValueError,
+    where: str = "",
+    label: str | None = None,
+) -> Any:
+    """`data[key]` of a loaded JSON record when it is of type `kind` (a dotted key goes into nested objects; a bool is
+    no int), else `error` naming `where` (e.g. the file) and the key (`label`, default `key`)."""
+    name, prefix = label or key, f"{where}: " if where else ""
+    value = data
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise error(f"{prefix}key {name!r} is missing")
+        value = value[part]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join("a number" if k is float else k.__name__ for k in kinds)
+        raise error(f"{prefix}key {name!r} must be {names}, got {short_repr(value)}")
+    return value
 
 
 def check_real(

@@ -29,7 +29,8 @@ from .processes import Process
 from .recommend import recommended
 from .sampling import sample
 from .schedule_search import optimize_schedule
-from .tuning import TunedEntry, Tuning, TuningError, model_key
+from .tuning import TunedEntry, Tuning, TuningError
+from .tuning import model_key as key_of
 
 # Fixed configurations scored at every budget: the solvers that win somewhere on the exact mixtures or the learned
 # digits models (README, "Benchmarks"), each on the grids that matter for them. Grids undefined on a process (a
@@ -94,7 +95,7 @@ def tune(
     reference_solver: str = "dpmpp_2m",
     reference_steps: int = 200,
     reference_rtol: float = 0.01,
-    model_key_: str | None = None,
+    model_key: str | None = None,
     name: str = "",
     log: Callable[[str], None] | None = None,
 ) -> Tuning:
@@ -103,7 +104,7 @@ def tune(
     shape: one sample's shape (e.g. (1, 8, 8)); samples: calibration and selection batch sizes; seed: calibration
     noise seed (selection uses seed + 1; report on another seed). search_top: how many of the best fixed
     configurations get their grid searched, with `search_iters` iterations each (0: no search).
-    model_key_: the key of a model that is not a torch module (else its weights' SHA-256).
+    model_key: the key of a model that is not a torch module (default: its weights' SHA-256, `tuning.model_key`).
     """
     check_prediction(prediction)
     if not isinstance(process, Process):
@@ -118,7 +119,7 @@ def tune(
     search_top = check_int(search_top, "search_top", minimum=0, maximum=1000)  # at most all candidates are searched
     search_iters = check_int(search_iters, "search_iters", minimum=0, maximum=10_000)
     reference_steps = check_int(reference_steps, "reference_steps", minimum=4, maximum=100_000)
-    key = model_key(model) if model_key_ is None else model_key_
+    key = key_of(model) if model_key is None else model_key
     say = log or (lambda text: None)
     shape = tuple(int(n) for n in shape)
 

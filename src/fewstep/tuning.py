@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .checks import check_int
+from .checks import check_int, typed_key
 from .io import atomic_write_text
 from .processes import Process
 from .recommend import recommended
@@ -148,14 +148,7 @@ class Tuning:
 
 
 def _typed(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
-    name = f"{where}.{key}" if where else key
-    if key not in data:
-        raise TuningError(f"key {name!r} is missing")
-    value = data[key]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise TuningError(f"key {name!r} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r:.60}")
-    return value
+    return typed_key(data, key, kind, error=TuningError, label=f"{where}.{key}" if where else key)
 
 
 def _entry(raw: Any, where: str) -> TunedEntry:

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load, save_file
 from torch import nn
 
+from ..checks import short_repr, typed_key
 from ..io import atomic_write, atomic_write_text, check_file_name
 from ..nets import DiffusionModel, build_model
 from ..processes import Process
@@ -128,24 +129,9 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def require(data: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    """`data[key]` (a dotted key "extra.sampler_pos" goes into nested objects) when it is of type `kind` (a bool is
-    no int); else CheckpointError naming `where` (the file) and the key."""
-    value = data
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise CheckpointError(f"{where}: key {key!r} is missing")
-        value = value[part]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        names = " or ".join("a number" if k is float else k.__name__ for k in kinds)
-        raise CheckpointError(f"{where}: key {key!r} must be {names}, got {_short(value)}")
-    return value
+    """`data[key]` (dotted keys go into nested objects) of type `kind`, else CheckpointError naming `where` and the key."""
+    return typed_key(data, key, kind, error=CheckpointError, where=where)
 
 
 # RNG states ----------------------------------------------------------------------------------------------------
@@ -187,7 +173,7 @@ def _rng_bytes(state: dict[str, Any], key: str, like: torch.Tensor, where: str) 
     """The decoded generator state `state[key]`, checked to have the length of the current state `like`."""
     text = state.get(key)
     if not isinstance(text, str):
-        raise CheckpointError(f"{where}: key 'rng.{key}' must be a base64 string, got {_short(text)}")
+        raise CheckpointError(f"{where}: key 'rng.{key}' must be a base64 string, got {short_repr(text)}")
     try:
         value = _bytes_tensor(text)
     except (ValueError, binascii.Error) as err:
@@ -220,7 +206,7 @@ def restore_rng(
     run ignores a CUDA state).
     """
     if not isinstance(state, dict):
-        raise CheckpointError(f"{where}: key 'rng' must be an object of generator states, got {_short(state)}")
+        raise CheckpointError(f"{where}: key 'rng' must be an object of generator states, got {short_repr(state)}")
     torch_state = _rng_bytes(state, "torch", torch.get_rng_state(), where)
     numpy_state = _numpy_state(state, where)
     named = {}
@@ -261,7 +247,7 @@ def unflatten_optimizer(
 ) -> None:
     """Load what `flatten_optimizer` wrote into `optimizer` (CheckpointError naming `where` when it does not fit)."""
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{where}: key 'optimizer' must be an object of optimizer state, got {_short(meta)}")
+        raise CheckpointError(f"{where}: key 'optimizer' must be an object of optimizer state, got {short_repr(meta)}")
     if meta.get("class") != type(optimizer).__name__:
         raise CheckpointError(
             f"{where}: key 'optimizer.class': the checkpoint holds {meta.get('class')} state, the optimizer is "
@@ -387,7 +373,7 @@ def _read_json(json_path: Path) -> dict[str, Any]:
         if require(meta, key, int, where) < 0:
             raise CheckpointError(f"{where}: key {key!r} must be >= 0, got {meta[key]}")
     if not re.fullmatch(r"[0-9a-f]{64}", require(meta, "sha256", str, where)):
-        raise CheckpointError(f"{where}: key 'sha256' must be 64 hexadecimal digits, got {_short(meta['sha256'])}")
+        raise CheckpointError(f"{where}: key 'sha256' must be 64 hexadecimal digits, got {short_repr(meta['sha256'])}")
     require(meta, "config.model", dict, where)
     require(meta, "config.process", (dict, str), where)
     require(meta, "has_ema", bool, where)
