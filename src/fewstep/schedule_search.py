@@ -27,6 +27,7 @@ import torch
 
 from .accuracy import rms_error
 from .budget import steps_for_nfe
+from .checks import typed_key
 from .grids import SCHEDULES, GridSource, Schedule, ScheduleLike, time_grid
 from .io import atomic_write_text
 from .parameterization import Model, check_prediction
@@ -129,13 +130,9 @@ class SearchedSchedule:
         if unknown:
             raise ValueError(f"{source}: searched schedule has unknown field(s) {', '.join(unknown)}")
         for key in ("times", "process", "solver", "nfe", "steps"):
-            if key not in fields:
-                raise ValueError(f"{source}: key {key!r} is missing")
-        for key, value in fields.items():
-            kinds = cls._FIELD_TYPES[key]
-            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-                names = " or ".join(k.__name__ for k in kinds)
-                raise ValueError(f"{source}: key {key!r} must be {names}, got {type(value).__name__} {str(value)[:40]}")
+            typed_key(fields, key, cls._FIELD_TYPES[key], where=source)  # required
+        for key in fields:
+            typed_key(fields, key, cls._FIELD_TYPES[key], where=source)
         for key in ("times", "history"):
             values = fields.get(key, [])
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
