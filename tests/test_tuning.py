@@ -183,3 +183,26 @@ def test_cli_sample_auto_reports_its_choice(tmp_path):
     for args in (["--solver", "auto"], ["--nfe", "5"]):
         bad = runner.invoke(app, ["sample", *args, "--out", str(tmp_path / "y.npy")])
         assert bad.exit_code == 2 and "--nfe goes with --solver auto" in bad.output
+
+
+def test_grid_ends_are_candidates_and_keep_the_budget(tuned):
+    """Each candidate is also scored on grids that end at log-SNR 3 / 2 / 1.5 before the final denoising step; the
+    ends outside a process's log-SNR range are skipped; a tuned early-ending grid uses exactly its NFE."""
+    from fewstep.tune import END_LOG_SNRS, end_times
+
+    ends = end_times(PROCESS, (3.0, 2.0, 50.0, -50.0))
+    assert [e[0] is None for e in ends] == [True, False, False]  # t_min, then the two inside the range
+    for (t_end, label), log_snr in zip(ends[1:], (3.0, 2.0)):
+        assert float(PROCESS.log_snr(t_end)) == pytest.approx(log_snr, abs=1e-9) and f"{log_snr:g}" in label
+    assert len(end_times(fewstep.RectifiedFlow(), END_LOG_SNRS)) == 1 + len(END_LOG_SNRS)  # log-SNR from -inf to inf
+    for nfe in (4, 6):
+        labels = list(tuned.entry(nfe).candidates)
+        assert any("ends at log-SNR" in label for label in labels) and any("ends at" not in label for label in labels)
+    early = Tuning(tuned.model, tuned.process, "eps")
+    entry = next(e for e in tuned.entries.values())
+    steps, denoise = fewstep.budget.plan_for_nfe("dpmpp_2m", 5, PROCESS, t_end=ends[2][0])
+    times = fewstep.grids.time_grid(PROCESS, steps, PROCESS.t_max, ends[2][0], "logsnr")
+    early.entries[5] = type(entry)(nfe=5, solver="dpmpp_2m", steps=steps, times=times.tolist(), denoise_to_zero=denoise,
+                                   grid="logsnr, ends at log-SNR 2", error=0.0, fallback_error=0.0)  # fmt: skip
+    x = fewstep.sample(KeyedModel(), torch.randn(8, 4, dtype=torch.float64), process=PROCESS, solver="auto", nfe=5, tuning=early)
+    assert x.nfe == 5 and x.choice["source"] == "tuned"
