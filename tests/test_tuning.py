@@ -192,7 +192,7 @@ def test_grid_ends_are_candidates_and_keep_the_budget(tuned):
 
     ends = end_times(PROCESS, (3.0, 2.0, 50.0, -50.0))
     assert [e[0] is None for e in ends] == [True, False, False]  # t_min, then the two inside the range
-    for (t_end, label), log_snr in zip(ends[1:], (3.0, 2.0)):
+    for (t_end, label), log_snr in zip(ends[1:], (3.0, 2.0), strict=True):
         assert float(PROCESS.log_snr(t_end)) == pytest.approx(log_snr, abs=1e-9) and f"{log_snr:g}" in label
     assert len(end_times(fewstep.RectifiedFlow(), END_LOG_SNRS)) == 1 + len(END_LOG_SNRS)  # log-SNR from -inf to inf
     for nfe in (4, 6):

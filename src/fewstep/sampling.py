@@ -52,7 +52,8 @@ def sample(
     schedule: a grid name (see `fewstep.SCHEDULES`), a `fewstep.Schedule(name, rho=...)` with parameters, a
         decreasing tensor of steps + 1 times, a searched schedule (`fewstep.optimize_schedule`), or None for the
         process's default.
-    denoise_to_zero: finish with the data prediction at t_end (one more evaluation, skipped where sigma(t_end) = 0).
+    denoise_to_zero: finish with the data prediction at t_end (one more evaluation, skipped where sigma(t_end) = 0,
+        and for a solver whose last step returns the data prediction itself, "consistency").
         Otherwise multistep solvers lower their order over the last steps when steps < 15.
     differentiable: keep the autograd graph through the solver: gradients with respect to the model's parameters
         or the noise (e.g. for distillation); the grid times are constants.
@@ -92,7 +93,7 @@ def sample(
     t_end = process.t_min if t_end is None else t_end
     ts = time_grid(process, steps, t_start, t_end, schedule)  # validates the times, their order and the grid
     sigma_end = float(process.sigma(float(ts[-1])))
-    final_denoise = denoise_to_zero and sigma_end > 0
+    final_denoise = denoise_to_zero and sigma_end > 0 and not spec.returns_x0  # a consistency sampler ends on x0
     denoiser = Denoiser(model, process, prediction, x0_fn=x0_fn, solver=solver)
     run = Run(
         denoiser,

@@ -164,7 +164,9 @@ def tune(
     return tuning
 
 
-def _tune_one(model, process, prediction, nfe, cal, ref_cal, sel, ref_sel, candidates, ends, search_top, search_iters) -> TunedEntry:
+def _tune_one(
+    model, process, prediction, nfe, cal, ref_cal, sel, ref_sel, candidates, ends, search_top, search_iters
+) -> TunedEntry:
     """The best configuration at one budget, chosen on the selection noise (see the module doc)."""
     configs: list[dict[str, Any]] = []
     for (solver, grid), (t_end, suffix) in ((c, e) for c in candidates for e in ends):
@@ -173,19 +175,22 @@ def _tune_one(model, process, prediction, nfe, cal, ref_cal, sel, ref_sel, candi
             error = _score(model, cal, ref_cal, process, prediction, solver, steps, grid, denoise, t_end)
         except ValueError:  # budget not reachable, or grid undefined on this process
             continue
-        configs.append(dict(solver=solver, steps=steps, denoise=denoise, schedule=grid, t_end=t_end, label=grid + suffix, cal=error))
+        configs.append(dict(solver=solver, steps=steps, denoise=denoise, schedule=grid, t_end=t_end, label=grid + suffix,
+                            cal=error))  # fmt: skip
     if not configs:
         raise ValueError(f"nfe={nfe} is below every candidate solver's minimum on {process!r}")
     ranked = sorted((c for c in configs if math.isfinite(c["cal"])), key=lambda c: c["cal"])
     for c in ranked[: search_top if search_iters > 0 else 0]:
         searched = optimize_schedule(model, process, c["solver"], nfe, cal, prediction=prediction, init=c["schedule"],
-                                     reference=ref_cal, iters=search_iters, t_end=c["t_end"], denoise_to_zero=c["denoise"])  # fmt: skip
+                                     reference=ref_cal, iters=search_iters, t_end=c["t_end"],
+                                     denoise_to_zero=c["denoise"])  # fmt: skip
         configs.append(dict(c, schedule=searched.times, label=f"searched from {c['label']!r}", cal=searched.error))
     fallback = recommended(nfe, process)
     fallback_error = _score(model, sel, ref_sel, process, prediction, fallback["solver"], fallback["steps"],
                             fallback["schedule"], fallback["denoise_to_zero"], fallback.get("t_end"))  # fmt: skip
     for c in configs:
-        c["sel"] = _score(model, sel, ref_sel, process, prediction, c["solver"], c["steps"], c["schedule"], c["denoise"], c["t_end"])
+        c["sel"] = _score(model, sel, ref_sel, process, prediction, c["solver"], c["steps"], c["schedule"], c["denoise"],
+                          c["t_end"])  # fmt: skip
     best = min(configs, key=lambda c: c["sel"])
     if not math.isfinite(best["sel"]):
         raise TuningError(f"every configuration diverges at nfe={nfe} on this model (non-finite error)")

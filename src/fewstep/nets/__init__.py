@@ -16,7 +16,14 @@ from ..processes import Process
 from .diffusers_unet import DiffusersUNet
 from .embedding import NoiseEmbedding, c_noise
 from .mlp import MLP
-from .model import PRECONDITIONINGS, DiffusionModel, EDMCoefficients, edm_coefficients
+from .model import (
+    PRECONDITIONINGS,
+    ConsistencyCoefficients,
+    DiffusionModel,
+    EDMCoefficients,
+    consistency_coefficients,
+    edm_coefficients,
+)
 from .unet import UNet
 
 NETWORKS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "unet": UNet, "diffusers_unet": DiffusersUNet}
@@ -34,11 +41,15 @@ def build_network(config: dict[str, Any]) -> nn.Module:
         raise ValueError(f"bad options for net type {kind!r}: {err}") from err
 
 
+MODEL_KEYS = ("net", "prediction", "precond", "sigma_data", "inner_prediction", "inner_precond")
+
+
 def build_model(config: dict[str, Any], process: Process) -> DiffusionModel:
-    """A `DiffusionModel` from {"net": {...}, "prediction": ..., "precond": ..., "sigma_data": ...}."""
-    unknown = sorted(set(config) - {"net", "prediction", "precond", "sigma_data"})
+    """A `DiffusionModel` from {"net": {...}, "prediction": ..., "precond": ..., "sigma_data": ...} (a consistency
+    student adds "inner_prediction" and "inner_precond")."""
+    unknown = sorted(set(config) - set(MODEL_KEYS))
     if unknown:
-        raise ValueError(f"unknown model config key(s) {', '.join(unknown)}; allowed: net, prediction, precond, sigma_data")
+        raise ValueError(f"unknown model config key(s) {', '.join(unknown)}; allowed: {', '.join(MODEL_KEYS)}")
     if "net" not in config:
         raise ValueError("the model config needs a 'net' table, e.g. {'type': 'mlp', 'dim': 2}")
     return DiffusionModel(
@@ -47,11 +58,15 @@ def build_model(config: dict[str, Any], process: Process) -> DiffusionModel:
         prediction=config.get("prediction", "eps"),
         precond=config.get("precond", "none"),
         sigma_data=config.get("sigma_data", 0.5),
+        inner_prediction=config.get("inner_prediction"),
+        inner_precond=config.get("inner_precond", "none"),
     )
 
 
 __all__ = [
     "MLP",
+    "MODEL_KEYS",
+    "ConsistencyCoefficients",
     "NETWORKS",
     "PRECONDITIONINGS",
     "DiffusersUNet",
@@ -62,5 +77,6 @@ __all__ = [
     "build_model",
     "build_network",
     "c_noise",
+    "consistency_coefficients",
     "edm_coefficients",
 ]

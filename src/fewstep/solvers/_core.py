@@ -25,7 +25,11 @@ SolverFn = Callable[..., torch.Tensor]
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """A registered solver: its function, convergence order, whether it is stochastic, and its options."""
+    """A registered solver: its function, convergence order, whether it is stochastic, and its options.
+
+    `returns_x0`: the solver's last step returns the data prediction itself (a consistency sampler), so `sample`
+    adds no final denoising evaluation.
+    """
 
     name: str
     fn: SolverFn
@@ -33,6 +37,7 @@ class SolverSpec:
     stochastic: bool = False
     options: tuple[str, ...] = field(default=())
     summary: str = ""
+    returns_x0: bool = False
 
     def check_options(self, options: dict[str, Any]) -> None:
         unknown = sorted(set(options) - set(self.options))
@@ -44,7 +49,7 @@ class SolverSpec:
 _REGISTRY: dict[str, SolverSpec] = {}
 
 
-def register(name: str, *, order: int, stochastic: bool = False) -> Callable[[SolverFn], SolverFn]:
+def register(name: str, *, order: int, stochastic: bool = False, returns_x0: bool = False) -> Callable[[SolverFn], SolverFn]:
     """Decorator: register `fn(run, x, **options)` under `name`; keyword-only parameters become its options."""
 
     def decorate(fn: SolverFn) -> SolverFn:
@@ -53,7 +58,7 @@ def register(name: str, *, order: int, stochastic: bool = False) -> Callable[[So
         params = inspect.signature(fn).parameters.values()
         options = tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
-        _REGISTRY[name] = SolverSpec(name, fn, order, stochastic, options, summary)
+        _REGISTRY[name] = SolverSpec(name, fn, order, stochastic, options, summary, returns_x0)
         return fn
 
     return decorate

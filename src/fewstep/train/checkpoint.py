@@ -1,8 +1,9 @@
 """Checkpoints: safetensors weights (model, EMA, flattened optimizer state) plus a JSON sidecar, written atomically.
 
 Layout for `save_checkpoint("run/checkpoint", ...)`:
-- `run/checkpoint-00001000.safetensors`: tensors "model.*", "ema.*", "optim.<param index>.<key>", "data.*"
-  (safetensors: Hugging Face's safe tensor format);
+- `run/checkpoint-00001000.safetensors`: tensors "model.*", "ema.*", "optim.<param index>.<key>", "data.*" and
+  "objective.*" (a training objective's state, e.g. a distillation target network; safetensors: Hugging Face's safe
+  tensor format);
 - `run/checkpoint.json`: format/version, the weights file name with its byte size and SHA-256, the config
   (model: net/prediction/precond; process; training options), step, RNG states, loss history, optimizer
   hyper-parameters and non-tensor state.
@@ -294,13 +295,15 @@ def save_checkpoint(
     rng: dict[str, Any] | None = None,
     loss_history: list[float] | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
+    objective: dict[str, torch.Tensor] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint (weights file, then JSON sidecar, both atomic); returns the JSON path.
 
     config must hold "model" ({"net": {...}, "prediction", "precond", "sigma_data"}); "process" is taken from
     `model.process` when missing. ema: the EMA model (or its state dict); tensors: further named tensors (stored
-    under "data.<name>"); rng: from `capture_rng`; extra: any JSON-able data.
+    under "data.<name>"); objective: a training objective's tensors (stored under "objective.<name>"); rng: from
+    `capture_rng`; extra: any JSON-able data.
     """
     model = _unwrap(model)
     json_path = sidecar_path(path)
@@ -320,6 +323,7 @@ def save_checkpoint(
         optim_tensors, optim_meta = flatten_optimizer(optimizer)
         out.update(optim_tensors)
     out.update({f"data.{k}": v.detach().cpu().clone().contiguous() for k, v in (tensors or {}).items()})
+    out.update({f"objective.{k}": v.detach().cpu().clone().contiguous() for k, v in (objective or {}).items()})
 
     previous = _sidecar_weights(json_path) if json_path.exists() else None
     stem = json_path.stem

@@ -12,6 +12,9 @@ TOML layout: top-level keys are `TrainConfig` fields; `[net]`, `[process]` and `
     type = "discrete_vp"
     schedule = "linear"
 
+A `[distill]` table turns the run into distillation (`fewstep.distill`): `method = "cd" | "ct" | "ect" | "pd"`,
+`teacher = "<shipped name or checkpoint path>"` and the method's options; empty (the default) is plain training.
+
 Overrides are "key=value" strings with a TOML value and dotted keys for tables ("net.channels=[32, 64]").
 Every value is checked when the config is made (`TrainConfig.validate`): a `ConfigError` names the key and what it
 allows, before any data is loaded or any step is trained.
@@ -53,6 +56,7 @@ class TrainConfig:
     data_options: dict[str, Any] = field(default_factory=dict)
     net: dict[str, Any] = field(default_factory=dict)  # empty: chosen from the data's shape (`default_net`)
     process: dict[str, Any] = field(default_factory=lambda: {"type": "discrete_vp", "schedule": "linear"})
+    distill: dict[str, Any] = field(default_factory=dict)  # empty: plain training; else see fewstep.distill
     prediction: str = "eps"
     precond: str = "none"  # "edm": EDM preconditioning (then prediction = "x0")
     sigma_data: float = 0.5
@@ -100,6 +104,7 @@ class TrainConfig:
         self._check_choices()
         self._check_ranges()
         self._check_process()
+        self._check_distill()
 
     def _check_choices(self) -> None:
         from ..data import DATASETS
@@ -110,7 +115,8 @@ class TrainConfig:
         from .losses import WEIGHTINGS
         from .timesteps import TIME_SAMPLINGS
 
-        choices = {"data": DATASETS, "prediction": TRAINABLE_PREDICTIONS, "precond": PRECONDITIONINGS, "weighting": WEIGHTINGS,
+        preconds = tuple(p for p in PRECONDITIONINGS if p != "consistency")  # a consistency student is made by distill
+        choices = {"data": DATASETS, "prediction": TRAINABLE_PREDICTIONS, "precond": preconds, "weighting": WEIGHTINGS,
                    "time_sampling": TIME_SAMPLINGS, "immiscible": IMMISCIBLE, "ema_warmup": EMA_WARMUPS, "device": DEVICES,
                    "sample_solver": tuple(solver_specs())}  # fmt: skip
         for key, allowed in choices.items():
@@ -163,6 +169,11 @@ class TrainConfig:
             sample_time(1, process, self.time_sampling, torch.Generator())
         except ValueError as err:
             raise ConfigError("time_sampling", f"time_sampling={self.time_sampling!r} does not fit the process: {err}") from err
+
+    def _check_distill(self) -> None:
+        from .objective import check_distill_table
+
+        check_distill_table(self)
 
     def model_config(self, data_shape: tuple[int, ...]) -> dict[str, Any]:
         """The model part of the checkpoint config (net, prediction, precond, sigma_data)."""

@@ -1,11 +1,13 @@
-"""The training loop: data, noise and time sampling, weighted denoising loss, AdamW, EMA, checkpoints, figures.
+"""The training loop: data, noise and time sampling, an objective's loss, AdamW, EMA, checkpoints, figures.
 
-One step: draw the global batch of data (resumable sampler), times and noise from dedicated torch generators
-(optionally re-paired by immiscible assignment; Li et al., 2024), take this process's slice, compute the weighted
-loss of `fewstep.train.losses` (under bf16 autocast if asked), back-propagate (DistributedDataParallel averages
-gradients across processes), clip, step AdamW (Loshchilov & Hutter, 2019) and update the EMA. Because every rank
-draws the same global batch, N processes reproduce the 1-process run. Checkpoints hold every RNG state and the
-sampler position, so `resume` continues a run exactly.
+One step: draw the global batch of data (resumable sampler), the objective's randomness (times, ...) and noise from
+dedicated torch generators (optionally re-paired by immiscible assignment; Li et al., 2024), take this process's
+slice, compute the objective's per-sample loss (`fewstep.train.objective`: the weighted denoising loss of
+`fewstep.train.losses`, or a distillation objective of `fewstep.distill`; under bf16 autocast if asked), stop on a
+non-finite loss before any weight changes, back-propagate (DistributedDataParallel averages gradients across
+processes), clip, step AdamW (Loshchilov & Hutter, 2019) and update the EMA. Because every rank draws the same global
+batch, N processes reproduce the 1-process run. Checkpoints hold every RNG state, the sampler position and the
+objective's state, so `resume` continues a run exactly.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -39,16 +42,30 @@ from .config import TrainConfig
 from .distributed import DistContext
 from .ema import EMA
 from .immiscible import immiscible_assign, knn_noise
-from .losses import diffusion_loss
+from .objective import Objective, build_objective
 from .plots import save_loss_curve, save_samples
 from .process_config import build_process
-from .timesteps import sample_time
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss of a training step was NaN or Inf; the weights were not updated and no checkpoint was written."""
 
 
 class Trainer:
-    """Train a `DiffusionModel` as `config` says; `data` overrides `config.data` with an in-memory tensor [N, ...]."""
+    """Train a `DiffusionModel` as `config` says; `data` overrides `config.data` with an in-memory tensor [N, ...].
 
-    def __init__(self, config: TrainConfig, *, data: torch.Tensor | None = None, dist: DistContext | None = None):
+    `teacher`: for distillation (`config.distill`), a teacher given in memory instead of `distill.teacher` (see
+    `fewstep.distill.Teacher`).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        data: torch.Tensor | None = None,
+        dist: DistContext | None = None,
+        teacher: Any = None,
+    ):
         self.config = config
         self.dist = dist or DistContext()
         if config.threads:
@@ -56,10 +73,12 @@ class Trainer:
         self.device = torch.device(_device(config.device))
         self.data = (load_dataset(config.data, **config.data_options) if data is None else data).float()
         self.process = build_process(config.process)
-        model_config = config.model_config(tuple(self.data.shape[1:]))
+        self.objective: Objective = build_objective(config, self.process, self.data, teacher)
+        model_config = self.objective.model_config(config, tuple(self.data.shape[1:]))
         self.full_config = {"model": model_config, "process": dict(config.process), "train": config.to_dict()}
         torch.manual_seed(config.seed)
         self.model: DiffusionModel = build_model(model_config, self.process).to(self.device)
+        self.objective.setup(self)  # e.g. the student starts from the teacher's weights, before the EMA copies them
         self.ema = EMA(self.model, config.ema_decay, config.ema_warmup, config.ema_halflife, config.ema_rampup)
         self.train_model = DistributedDataParallel(self.model) if self.dist.enabled else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
@@ -77,42 +96,44 @@ class Trainer:
 
     # One step --------------------------------------------------------------------------------------------------
 
-    def _global_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _global_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(x0, eps, the objective's draws) for the whole global batch; the draws come before eps."""
         c = self.config
         x0 = self.sampler.next()
-        t = sample_time(len(x0), self.process, c.time_sampling, self.noise_generator, mean=c.time_mean, std=c.time_std)
+        draws = self.objective.draw(x0, self.noise_generator, self.step)
         if c.immiscible == "knn":
             eps = knn_noise(x0, c.knn_k, self.noise_generator)
         else:
             eps = torch.randn(x0.shape, generator=self.noise_generator, dtype=x0.dtype)
             if c.immiscible == "assign":
                 eps = eps[immiscible_assign(x0, eps)]
-        return x0, t, eps
+        return x0, eps, draws
 
     def _lr(self) -> float:
         warm = self.config.lr_warmup
         return self.config.lr * (min(1.0, (self.step + 1) / warm) if warm > 0 else 1.0)
 
     def train_step(self) -> float:
-        """One optimisation step on the global batch; returns its mean loss (averaged over processes)."""
+        """One optimisation step on the global batch; returns its mean loss (averaged over processes).
+
+        A NaN or Inf loss raises NonFiniteLossError naming the step before the weights change.
+        """
         c = self.config
-        x0, t, eps = self._global_batch()
+        self.objective.begin_step(self)
+        x0, eps, draws = self._global_batch()
         part = self.dist.shard(len(x0))
-        x0, t, eps = x0[part].to(self.device), t[part].to(self.device), eps[part].to(self.device)
+        x0, eps = x0[part].to(self.device), eps[part].to(self.device)
+        draws = {k: v[part].to(self.device) for k, v in draws.items()}
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if c.bf16 else contextlib.nullcontext()
         with autocast:
-            losses = diffusion_loss(
-                self.train_model,
-                x0,
-                t,
-                eps,
-                process=self.process,
-                prediction=c.prediction,
-                weighting=c.weighting,
-                gamma=c.min_snr_gamma,
-                sigma_data=c.sigma_data,
-            )
+            losses = self.objective.loss(self.train_model, x0, eps, draws)
         loss = losses.mean()
+        value = float(self.dist.mean(loss.detach()))  # every rank sees the same value, so all of them stop together
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"the {self.objective.name} loss is {value} at step {self.step + 1}: training stopped before the weights "
+                f"changed; the last checkpoint written (if any, in {self.out_dir}) is kept"
+            )
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr()
         self.optimizer.zero_grad(set_to_none=True)
@@ -121,8 +142,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.optimizer.step()
         self.ema.update(self.model)
+        self.objective.after_step(self)
         self.step += 1
-        value = float(self.dist.mean(loss.detach()))
         self.loss_history.append(value)
         return value
 
@@ -164,6 +185,11 @@ class Trainer:
         if not self.dist.is_main:
             return None
         perm, pos = self.sampler.state()
+        objective_tensors, objective_values = self.objective.state()
+        extra = {"sampler_pos": pos, "ema_updates": self.ema.updates, "world_size": self.dist.world_size}
+        extra.update(self.objective.checkpoint_extra())
+        if objective_values:
+            extra["objective"] = objective_values
         return save_checkpoint(
             path or self.checkpoint_path,
             model=self.model,
@@ -174,22 +200,16 @@ class Trainer:
             rng=capture_rng({"data": self.data_generator, "noise": self.noise_generator}, self.device),
             loss_history=self.loss_history,
             tensors={"sampler_perm": perm},
-            extra={"sampler_pos": pos, "ema_updates": self.ema.updates, "world_size": self.dist.world_size},
+            objective=objective_tensors,
+            extra=extra,
         )
 
     def generate(self, n: int, seed: int = 0) -> torch.Tensor:
-        """n samples from the EMA model with the configured solver and steps."""
-        c = self.config
+        """n samples from the EMA model with the configured solver and steps (a student's: its own sampler)."""
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn((n, *self.data.shape[1:]), generator=g).to(self.device)
-        return sample(
-            self.ema.module,
-            noise,
-            process=self.process,
-            prediction=self.model.prediction,
-            solver=c.sample_solver,
-            steps=c.sample_steps,
-        )
+        plan = self.objective.sampling(self.config)
+        return sample(self.ema.module, noise, process=self.process, prediction=self.model.prediction, generator=g, **plan)
 
     def write_figures(self) -> None:
         """samples-<step>.png (EMA model) and loss.png in out_dir (rank 0 only)."""
@@ -198,7 +218,8 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         c = self.config
         x = self.generate(c.sample_count)
-        title = f"step {self.step}, {c.sample_solver} {c.sample_steps} steps"
+        plan = self.objective.sampling(c)
+        title = f"step {self.step}, {plan['solver']} {plan['steps']} steps"
         reference = self.data[:2000] if self.data.ndim == 2 else None
         save_samples(x, self.out_dir / f"samples-{self.step:08d}.png", title, reference)
         if self.loss_history:
@@ -221,6 +242,9 @@ class Trainer:
                 f"cannot resume from {path}: its model config {saved['model']} differs from {self.full_config['model']}"
             )
         check_process(self.process, saved, where)
+        distill = saved.get("train", {}).get("distill", {})
+        if distill != self.config.distill:
+            raise CheckpointError(f"cannot resume from {path}: its distill table {distill} differs from {self.config.distill}")
         pos = require(meta, "extra.sampler_pos", int, where)
         updates = require(meta, "extra.ema_updates", int, where)
         history = require(meta, "loss_history", list, where)
@@ -241,6 +265,7 @@ class Trainer:
         load_state(self.model, section(tensors, "model"), where)
         load_state(self.ema.module, section(tensors, "ema"), f"EMA in {where}")
         unflatten_optimizer(self.optimizer, tensors, meta["optimizer"], where)
+        self.objective.load_state(section(tensors, "objective"), meta["extra"].get("objective", {}), where)
         restore_rng(meta["rng"], {"data": self.data_generator, "noise": self.noise_generator}, self.device, where)
         self.sampler.load_state(perm, pos)
         self.ema.updates = updates
