@@ -16,7 +16,7 @@ from fewstep.accuracy import rms_error
 from fewstep.bench_learned import digits_fd
 from fewstep.budget import plan_for_nfe
 from fewstep.cli import _sample_shape
-from fewstep.recommend import EARLY_END_NFE
+from fewstep.recommend import EARLY_END_NFES
 from fewstep.shipped import load_model
 
 NFES = (3, 4, 5, 6)
@@ -71,7 +71,7 @@ def main() -> None:
                     cells.append("-" if x is None else f"{rms_error(x, reference):.3f}")
                 rows.append((f"mixture_nd seed {seed} on {process!r}", nfe, cells))
     table(rows)
-    print(f"\nfewstep.recommended ends at log-SNR 2 up to NFE {EARLY_END_NFE} on VP processes.")
+    print(f"\nfewstep.recommended ends at log-SNR 2 at NFE {list(EARLY_END_NFES)} on VP processes.")
 
 
 if __name__ == "__main__":

@@ -16,15 +16,16 @@ better on ring2d / mixture16d, time-uniform on a held-out 8-D mixture at 8-10 NF
 exact problems at 5 evaluations, but its two huge steps send a learned model far out of distribution (digits FD 158
 against 10 for DEIS): never a default.
 
-Where the grid ends: at up to EARLY_END_NFE = 5 evaluations on a process whose log-SNR at t_min is finite (VP,
-EDM, VE), the grid stops at log-SNR EARLY_END_LOG_SNR = 2 and the final evaluation denoises from there (as
-diffusers' few-step grids do, which stop at t = 0.1-0.2): the last steps of a short grid are too long for the
-solver near the data, and one data prediction from log-SNR 2 is more accurate than more extrapolated steps.
-Measured at NFE 3-5 (scripts/early_end.py): on the learned VP models 10-45% lower RMS error (digits_vp NFE 5 with
-DPM-Solver++(2M): 0.175 -> 0.110 and FD 2.9 -> 2.5; NFE 3: FD 41 -> 20); on held-out exact mixtures better at NFE
-4 on both VP schedules, mixed at 3 and 5 (linear betas NFE 3: up to 1.3x worse). At 6 the learned models still
-gain 15-20% but the held-out mixtures on cosine betas lose up to 1.4x, so from 6 on the grid ends at t_min. Not on
-rectified flow, where the learned flow model got worse (digits_flow NFE 5: 0.091 -> 0.120).
+Where the grid ends: at EARLY_END_NFES = 4-5 evaluations on a process whose log-SNR at t_min is finite (VP, EDM,
+VE), the grid stops at log-SNR EARLY_END_LOG_SNR = 2 and the final evaluation denoises from there (as diffusers'
+few-step grids do, which stop at t = 0.1-0.2): the last steps of a short grid are too long for the solver near the
+data, and one data prediction from log-SNR 2 is more accurate than more extrapolated steps. Measured with the
+fallback's own solver and grid (`scripts/early_end.py`, RMS error to the model's 200-step reference, FD in
+brackets): digits_vp NFE 4 0.365 (FD 122) -> 0.194 (25), NFE 5 0.192 (24) -> 0.161 (15); digits_cosine_v NFE 4
+0.264 (49) -> 0.179 (17), NFE 5 0.183 (22) -> 0.134 (13); on held-out exact mixtures better in 4 of 6 cells at NFE
+4 and 3 of 6 at NFE 5 (worst 1.05x). Not at NFE 3 (digits_vp: FD 43 -> 162; linear-beta mixtures up to 1.3x
+worse), not from 6 on (cosine-beta mixtures up to 1.4x worse), and not on rectified flow (digits_flow NFE 5:
+0.091 -> 0.097, FD 7.8 -> 8.6).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ RECOMMENDED: tuple[tuple[float, str, str, dict[str, Any]], ...] = (
 NOISY_END_LOG_SNR = -6.0
 RECOMMENDED_NOISY_END: tuple[tuple[float, str, str, dict[str, Any]], ...] = ((math.inf, "ipndm", "quadratic", {}),)
 # few-step grids on VP processes end early (module doc)
-EARLY_END_NFE = 5
+EARLY_END_NFES = range(4, 6)
 EARLY_END_LOG_SNR = 2.0
 
 
@@ -57,14 +58,14 @@ def recommended(nfe: int, process: Process, *, t_start: float | None = None, t_e
     process=process, **fewstep.recommended(10, process))`. Every recommended solver costs one evaluation per step,
     so the plan needs no dry run: nfe - 1 steps and the final denoising where sigma(t_end) > 0, else nfe steps
     (tests/test_recommend.py checks the count on every process). Without `t_end`, a VP grid of at most
-    EARLY_END_NFE evaluations ends at log-SNR EARLY_END_LOG_SNR (returned as t_end; see the module doc).
+    4-5 evaluations ends at log-SNR EARLY_END_LOG_SNR (returned as t_end; see the module doc).
     """
     if isinstance(nfe, bool) or not isinstance(nfe, int) or not 2 <= nfe <= MAX_STEPS:
         raise ValueError(f"nfe must be an integer >= 2 (and <= {MAX_STEPS}) for a recommendation, got nfe={nfe!r}")
     lo = process.check_time(process.t_min if t_end is None else t_end, "t_end")
     hi = process.check_time(process.t_max if t_start is None else t_start, "t_start")
     start_log_snr, end_log_snr = float(process.log_snr(hi)), float(process.log_snr(lo))
-    if t_end is None and nfe <= EARLY_END_NFE and math.isfinite(end_log_snr) and start_log_snr < EARLY_END_LOG_SNR < end_log_snr:
+    if t_end is None and nfe in EARLY_END_NFES and math.isfinite(end_log_snr) and start_log_snr < EARLY_END_LOG_SNR < end_log_snr:
         t_end = lo = float(process.t_from_log_snr(torch.tensor(EARLY_END_LOG_SNR, dtype=torch.float64)))
     noisy_end = math.isfinite(start_log_snr) and start_log_snr < NOISY_END_LOG_SNR
     bands = RECOMMENDED_NOISY_END if noisy_end else RECOMMENDED
