@@ -82,25 +82,34 @@ def demo_command(
     console.print(f"\nwrote {out / 'demo_digits.md'}, {figure} and {out / 'demo_gmm.md'}")
 
 
+SOLVER_HELP = "Solver name (see `fewstep solvers`), or auto (with --nfe); default dpmpp_2m, or a student's own sampler."
+MODEL_HELP = "Sample this model instead: a shipped name or a checkpoint path (a student uses its stored times for --steps)."
+
+
 @app.command("sample")
 def sample_command(
-    solver: str = typer.Option("dpmpp_2m", help="Solver name (see `fewstep solvers`), or auto (with --nfe)."),
+    solver: str = typer.Option(None, help=SOLVER_HELP),
     steps: int = typer.Option(10, min=1, help="Solver steps."),
     nfe: int = typer.Option(None, min=2, max=100_000, help="NFE budget for --solver auto (it picks solver, steps, grid)."),
     schedule: str = typer.Option(None, help=f"Grid: {', '.join(SCHEDULES)} (default: the process's default)."),
     process: str = typer.Option("discrete_vp", help=PROCESS_HELP),
     problem: str = typer.Option("ring2d", help="Exact Gaussian-mixture model: ring2d or mixture16d."),
+    model: str = typer.Option(None, help=MODEL_HELP),
     n: int = typer.Option(1000, min=1, help="Number of samples."),
     seed: int = SEED,
-    out: Path = typer.Option(Path("out/samples.npy"), help="Output .npy (array) or .png (scatter of 2-D samples)."),
+    out: Path = typer.Option(Path("out/samples.npy"), help="Output .npy (array) or .png (2-D scatter or image grid)."),
 ) -> None:
-    """Sample the exact model of a Gaussian-mixture problem and save the samples."""
+    """Sample the exact model of a Gaussian-mixture problem (or a trained / distilled model) and save the samples."""
     import numpy as np
     import torch
 
     from . import gmm
     from .sampling import sample
 
+    if model is not None:
+        _sample_model(model, solver, steps, nfe, schedule, n, seed, out)
+        return
+    solver = solver or "dpmpp_2m"
     choice(solver, (*_solver_names(), "auto"), "--solver")
     if (solver == "auto") != (nfe is not None):
         raise typer.BadParameter("--nfe goes with --solver auto (which picks solver, steps and grid for it)", param_hint="--nfe")
@@ -137,6 +146,57 @@ def sample_command(
             {f"{solver}, {steps} steps (NFE {x.nfe})": x, "exact": mixture.sample(n, torch.Generator().manual_seed(seed))}, out
         )
     console.print(f"{n} samples, NFE {x.nfe}, wrote {out}")
+
+
+def _sample_model(
+    name: str, solver: str | None, steps: int, nfe: int | None, schedule: str | None, n: int, seed: int, out: Path
+) -> None:
+    """`fewstep sample --model`: a shipped model or checkpoint; a student's stored times unless --schedule is given.
+
+    Image samples are clipped to [-1, 1] (the data range of the image sets); .png writes a grid or a scatter plot.
+    """
+    import numpy as np
+    import torch
+
+    from .distill.student import student_plan
+    from .io import atomic_write
+    from .sampling import sample
+    from .shipped import load_model
+    from .train.plots import save_samples
+
+    if solver is not None:
+        choice(solver, _solver_names(), "--solver")
+    if nfe is not None:
+        raise typer.BadParameter("--nfe goes with --solver auto (exact problems only); give --steps", param_hint="--nfe")
+    if schedule is not None:
+        choice(schedule, SCHEDULES, "--schedule")
+    if out.suffix not in (".npy", ".png"):
+        raise typer.BadParameter(f"output must end in .npy or .png, got {out.name}", param_hint="--out")
+    writable_file(out, "--out")
+    with usage_errors("--model"):
+        loaded = load_model(name)
+        shape = _sample_shape(loaded)
+    with usage_errors(options={"steps": "--steps", "schedule": "--schedule", "solver": "--solver"}):
+        plan = student_plan(loaded.meta, steps, schedule, solver)
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn((n, *shape), generator=g)
+        kwargs = dict(process=loaded.process, prediction=loaded.prediction, generator=g, progress=True, **plan)
+        with torch.no_grad():
+            x = sample(loaded.model, noise, **kwargs)
+    nfe_used = x.nfe
+    if x.ndim == 4:
+        x = x.clamp(-1, 1)
+    if out.suffix == ".npy":
+
+        def save(tmp: Path) -> None:
+            with tmp.open("wb") as f:  # a file object: np.save would append ".npy" to a name
+                np.save(f, x.numpy())
+
+        atomic_write(out, save)
+    else:
+        with usage_errors("--out"):
+            save_samples(x[:256], out, f"{name}: {plan['solver']}, {steps} steps (NFE {nfe_used})")
+    console.print(f"{n} samples of {name}, {plan['solver']} {steps} steps, NFE {nfe_used}, wrote {out}")
 
 
 @bench_app.command("accuracy")
@@ -339,6 +399,10 @@ bench_app.command("train")(bench_train_command)
 from .evaluate import eval_command  # noqa: E402
 
 app.command("eval")(eval_command)
+
+from .distill.cli import distill_command  # noqa: E402
+
+app.command("distill")(distill_command)
 
 
 def main() -> None:

@@ -1,0 +1,115 @@
+"""`fewstep distill`: distil a teacher into a few-step student on the Trainer (progress bar, checkpoints, figures,
+`--resume auto`, torchrun multi-process as `fewstep train`).
+
+    fewstep distill --method cd --teacher digits_flow --steps 4000 --out runs/cd
+    fewstep distill --method pd --teacher digits_cosine_v --set distill.start_steps=16 --set distill.steps_per_round=500
+    torchrun --standalone --nproc_per_node 2 -m fewstep.cli distill --method ect --teacher digits_flow --config ect.toml
+
+The config (TOML file, flags, `--set key=value`) is a training config with a `[distill]` table; process, network,
+prediction and data default to the teacher's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..train.cli import SEED_HELP, usage_errors, writable_dir
+from ..train.config import ConfigError, apply_overrides
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+FLAG_OF_KEY = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "out_dir": "--out", "seed": "--seed",
+               "progress": "--progress", "distill.method": "--method", "distill.teacher": "--teacher"}  # fmt: skip
+
+
+def _read_toml(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as err:
+        raise typer.BadParameter(f"cannot read {path}: {err.strerror or err}", param_hint="--config") from err
+    except tomllib.TOMLDecodeError as err:
+        raise typer.BadParameter(f"{path} is not a valid TOML file: {err}", param_hint="--config") from err
+
+
+def build_config(config: Path | None, flags: dict[str, Any], overrides: list[str], method: str | None, teacher: str | None):
+    """The TrainConfig of a distillation run from the file, the flags and the overrides (flags win over the file)."""
+    from .config import distill_config
+
+    try:
+        values = apply_overrides(_read_toml(config), [f"{k}={_toml(v)}" for k, v in flags.items() if v is not None] + overrides)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--config/--set") from err
+    table = dict(values.pop("distill", {}) or {})
+    method, teacher = method or table.get("method"), teacher or table.get("teacher")
+    table = {k: v for k, v in table.items() if k not in ("method", "teacher")}
+    if method is None:
+        raise typer.BadParameter("give the method: --method cd, ct, ect or pd", param_hint="--method")
+    if teacher is None:
+        raise typer.BadParameter("give the teacher: a shipped model name or a checkpoint path", param_hint="--teacher")
+    try:
+        return distill_config(method, teacher, distill=table, **values)
+    except ConfigError as err:
+        hint = FLAG_OF_KEY.get(err.key, "--config/--set")
+        raise typer.BadParameter(str(err), param_hint=hint) from err
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--teacher" if "teacher" in str(err) else "--config/--set") from err
+
+
+def distill_command(
+    method: Annotated[str | None, typer.Option(help="Distillation method: cd, ct, ect, pd.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher: a shipped model name or a checkpoint path.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file: training keys and a [distill] table.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Total number of optimisation steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Global batch size (split over processes).")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Output directory (checkpoint.json, samples, loss.png).")] = None,
+    seed: Annotated[int | None, typer.Option(help=SEED_HELP)] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue from a checkpoint: a path, or 'auto'.")] = None,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override any config key: key=value (distill.target_decay=0.9).")
+    ] = None,
+) -> None:
+    """Distil a teacher into a few-step student (consistency distillation/training, ECT, progressive distillation)."""
+    from ..train.distributed import finish_distributed, init_distributed
+    from ..train.trainer import NonFiniteLossError, Trainer
+
+    flags = {"steps": steps, "batch_size": batch_size, "lr": lr, "out_dir": out, "seed": seed, "progress": progress}
+    cfg = build_config(config, flags, list(set_ or []), method, teacher)
+    ctx = init_distributed()
+    with usage_errors("--teacher/--config/--set"):
+        trainer = Trainer(cfg, dist=ctx)
+    if resume is not None:
+        with usage_errors("--resume"):
+            start = trainer.resume(None if resume == "auto" else resume)
+    if ctx.is_main:
+        writable_dir(Path(cfg.out_dir), "--out" if out is not None else "out_dir")
+        if resume is not None:
+            typer.echo(f"resumed from step {start}")
+    try:
+        trainer.train()
+    except NonFiniteLossError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    if ctx.is_main:
+        loss = trainer.loss_history[-1] if trainer.loss_history else float("nan")
+        rate = trainer.iterations_per_second
+        typer.echo(f"done: step {trainer.step}, loss {loss:.5g}, {rate:.1f} it/s, student {trainer.checkpoint_path}")
+    finish_distributed(ctx)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
