@@ -206,3 +206,25 @@ def test_grid_ends_are_candidates_and_keep_the_budget(tuned):
                                    grid="logsnr, ends at log-SNR 2", error=0.0, fallback_error=0.0)  # fmt: skip
     x = fewstep.sample(KeyedModel(), torch.randn(8, 4, dtype=torch.float64), process=PROCESS, solver="auto", nfe=5, tuning=early)
     assert x.nfe == 5 and x.choice["source"] == "tuned"
+
+
+def test_collapsed_configurations_are_never_chosen():
+    """Denoising from a very noisy end returns about the mean of the modes: low spread across the batch. Such a
+    configuration scores inf (never chosen) however its RMS error compares; sound ones keep their error."""
+    from fewstep.tune import collapsed
+
+    noise = torch.randn(128, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    reference = MIXTURE.flow_map(noise, PROCESS)
+    model = KeyedModel()
+    t_noisy = float(PROCESS.t_from_log_snr(torch.tensor(-1.0, dtype=torch.float64)))
+    mean_of_modes = fewstep.sample(model, noise, process=PROCESS, solver="ddim", steps=1, t_end=t_noisy)
+    sound = fewstep.sample(model, noise, process=PROCESS, solver="dpmpp_2m", steps=5)
+    assert collapsed(mean_of_modes, reference) and not collapsed(sound, reference)
+    t = tune(model, PROCESS, "eps", [4], **dict(FAST, end_log_snrs=(-1.0,), search_top=0))
+    entry = t.entry(4)
+    early = {k: v for k, v in entry.candidates.items() if "ends at log-SNR -1" in k}
+    assert early and all(v == math.inf for v in early.values()) and "ends at" not in entry.grid
+    assert math.isfinite(entry.error) and entry.error == min(entry.candidates.values())
+    # the collapse is a property of the samples, not of the end: DDIM on the log-SNR grid at 3 steps collapses here too
+    ddim = fewstep.sample(model, noise, process=PROCESS, solver="ddim", steps=3, schedule="logsnr")
+    assert collapsed(ddim, reference) and entry.candidates["ddim logsnr"] == math.inf
