@@ -4,6 +4,7 @@ from .budget import nfe_for_steps, steps_for_nfe
 from .gmm import GaussianMixture, mixture_nd, problem, ring2d
 from .grids import SCHEDULES, Schedule, time_grid
 from .guidance import DynamicThresholding, StaticClipping, cfg
+from .integrations import FlowShift, ShiftedFlow, cfg_kwargs, from_diffusers, from_k_diffusion, to_k_diffusion
 from .noise import BrownianTreeNoise
 from .parameterization import PREDICTIONS, Denoiser, ModelError, Prediction, SolverError, convert
 from .processes import EDM, VE, VP, DiscreteVP, Process, RectifiedFlow
@@ -15,9 +16,21 @@ from .solvers.dpmv3 import ModelStatistics, v3_statistics
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """`fewstep.FewstepScheduler` on first use (it imports diffusers, an optional dependency)."""
+    if name == "FewstepScheduler":
+        from .integrations.scheduler import FewstepScheduler
+
+        return FewstepScheduler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BrownianTreeNoise",
     "EDM",
+    "FewstepScheduler",
+    "FlowShift",
     "PREDICTIONS",
     "SCHEDULES",
     "VE",
@@ -33,11 +46,15 @@ __all__ = [
     "RectifiedFlow",
     "Schedule",
     "SearchedSchedule",
+    "ShiftedFlow",
     "SolverError",
     "StaticClipping",
     "cfg",
+    "cfg_kwargs",
     "convert",
     "dc_calibrate",
+    "from_diffusers",
+    "from_k_diffusion",
     "mixture_nd",
     "nfe_for_steps",
     "optimize_schedule",
@@ -48,5 +65,6 @@ __all__ = [
     "solvers",
     "steps_for_nfe",
     "time_grid",
+    "to_k_diffusion",
     "v3_statistics",
 ]

@@ -5,7 +5,8 @@ final data prediction (`denoise_to_zero`) adds 1 where sigma(t_end) > 0, so comp
 2022, "DPM-Solver", section 5; Karras et al., 2022, "EDM", section 3) need the map NFE -> steps. The cost is
 measured by a dry run of `fewstep.sample` on a zero model of a one-sample batch (exact for every registered
 solver, including ones added later, without a per-solver table). For an adaptive step-size solver the count
-depends on the model, so the dry run's number says nothing about it.
+depends on the model, so the dry run's number says nothing about it. `guidance=` (a `fewstep.cfg` / `cfg_kwargs`
+model) counts as `fewstep.sample` does: a guided call is 2 evaluations, 1 at scale 0 or 1 and outside its interval.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from .checks import MAX_STEPS
+from .guidance import GuidedModel
 from .processes import Process
 from .sampling import sample
 from .solvers import get_solver
@@ -28,6 +30,24 @@ def _zero_v_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x)
 
 
+def _guidance_key(guidance: Any) -> tuple[float, tuple[float, float] | None] | None:
+    """(scale, interval) of a guided model (GuidedModel: what its cost per call depends on), None for none."""
+    if guidance is None:
+        return None
+    if not isinstance(guidance, GuidedModel):
+        got = type(guidance).__name__
+        raise TypeError(f"guidance must be None or a guided model (fewstep.cfg / fewstep.cfg_kwargs), got {got}")
+    return guidance.scale, guidance.interval
+
+
+def _dry_model(guidance: tuple[float, tuple[float, float] | None] | None):
+    """The zero v-model, guided like `guidance` (its cost per call then counts as in a real run)."""
+    if guidance is None:
+        return _zero_v_model
+    zero = torch.zeros(1, 1)
+    return GuidedModel(lambda x, t, c: torch.zeros_like(x), zero, zero, guidance[0], guidance[1])
+
+
 def nfe_for_steps(
     solver: str,
     steps: int,
@@ -36,10 +56,13 @@ def nfe_for_steps(
     t_start: float | None = None,
     t_end: float | None = None,
     denoise_to_zero: bool = True,
+    guidance: Any = None,
     **solver_options: Any,
 ) -> int:
-    """Network evaluations of `fewstep.sample(solver=solver, steps=steps, ...)` on `process` (model cost 1 per call)."""
-    key = (solver, steps, process, t_start, t_end, denoise_to_zero, tuple(sorted(solver_options.items())))
+    """Network evaluations of `fewstep.sample(solver=solver, steps=steps, ...)` on `process` (model cost 1 per call,
+    or that of the guided model `guidance`: 2 per guided call)."""
+    options = tuple(sorted(solver_options.items()))
+    key = (solver, steps, process, t_start, t_end, denoise_to_zero, options, _guidance_key(guidance))
     try:
         hash(key)
     except TypeError:  # an unhashable option value: measure without the cache
@@ -47,11 +70,11 @@ def nfe_for_steps(
     return _cached_nfe(*key)
 
 
-def _dry_run_nfe(solver, steps, process, t_start, t_end, denoise_to_zero, options) -> int:
+def _dry_run_nfe(solver, steps, process, t_start, t_end, denoise_to_zero, options, guidance=None) -> int:
     noise = torch.zeros(1, 1, dtype=torch.float64)
     generator = torch.Generator().manual_seed(0)
     x = sample(
-        _zero_v_model,
+        _dry_model(guidance),
         noise,
         process=process,
         prediction="v",
@@ -100,16 +123,18 @@ def steps_for_nfe(
     t_start: float | None = None,
     t_end: float | None = None,
     denoise_to_zero: bool = True,
+    guidance: Any = None,
     **solver_options: Any,
 ) -> int:
-    """The number of steps at which `solver` uses exactly `nfe` network evaluations on `process`.
+    """The number of steps at which `solver` uses exactly `nfe` network evaluations on `process` (guided: see
+    `nfe_for_steps`).
 
     Raises ValueError naming the nearest reachable NFE values when no step count costs exactly `nfe` (Heun with a
     final denoising evaluation, for example, only reaches odd NFE).
     """
     get_solver(solver).check_options(solver_options)
     _check_nfe(nfe)
-    kwargs = dict(t_start=t_start, t_end=t_end, denoise_to_zero=denoise_to_zero, **solver_options)
+    kwargs = dict(t_start=t_start, t_end=t_end, denoise_to_zero=denoise_to_zero, guidance=guidance, **solver_options)
     steps, cost = _first_steps_costing(solver, nfe, process, kwargs)
     if cost == nfe:
         return steps

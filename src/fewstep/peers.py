@@ -22,14 +22,9 @@ one sample, then run on the batch).
 
 from __future__ import annotations
 
-import importlib
 import math
-import site
-import sys
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -38,6 +33,8 @@ from .bench import AccuracyRow
 from .budget import plan_for_nfe
 from .gmm import GaussianMixture, problem
 from .grids import ScheduleLike
+from .integrations.conventions import DIFFUSERS_PREDICTION
+from .integrations.k_diffusion import k_sigma, kdiffusion_sampling, to_k_diffusion
 from .parameterization import convert
 from .processes import DiscreteVP, Process, RectifiedFlow
 from .sampling import sample
@@ -80,7 +77,6 @@ def _time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.to(device=x.device, dtype=dtype).reshape(()).expand(x.shape[0])
 
 
-DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample", "velocity": "flow_prediction"}
 EPS_OR_V_ONLY = ("PNDMScheduler",)  # schedulers that reject "sample": an x0 model's output goes in as eps
 
 
@@ -130,59 +126,18 @@ def _diffusers_peer(factory: Callable[[], object]) -> PeerRun:
     return run
 
 
-def _kdiffusion_sampling():
-    """Import `k_diffusion.sampling` without the package's __init__ (which needs torchvision, CLIP, wandb...).
-
-    Only the samplers are used; `k_diffusion.utils` imports torchvision's image transforms at module level, so a
-    placeholder module stands in for them (no sampler touches it). k-diffusion is looked for in the site packages
-    and on sys.path (e.g. PYTHONPATH). Returns None when k-diffusion is absent.
-    """
-    for base in site.getsitepackages() + [site.getusersitepackages()] + [p for p in sys.path if p]:
-        path = Path(base) / "k_diffusion"
-        if (path / "sampling.py").exists():
-            break
-    else:
-        return None
-    if "k_diffusion.sampling" in sys.modules:
-        return sys.modules["k_diffusion.sampling"]
-    try:
-        import torchvision.transforms.functional  # noqa: F401
-    except Exception:  # no usable torchvision here: stand-ins for the image helpers k_diffusion.utils imports
-        for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
-            sys.modules.setdefault(name, types.ModuleType(name))
-        sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
-        sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
-    package = types.ModuleType("k_diffusion")
-    package.__path__ = [str(path)]
-    sys.modules.setdefault("k_diffusion", package)
-    try:
-        return importlib.import_module("k_diffusion.sampling")
-    except ImportError:
-        return None
-
-
-def _edm_sigma(process: Process, t: float) -> float:
-    """k-diffusion's sigma = sigma(t) / alpha(t) (inf where alpha = 0)."""
-    alpha, sigma = float(process.alpha(t)), float(process.sigma(t))
-    return sigma / alpha if alpha > 0 else math.inf
-
-
 def _kdiffusion_peer(sampler: str, sigmas: str) -> PeerRun:
     def run(target: Target, noise: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
-        kd = _kdiffusion_sampling()
-        process, prediction = target.process, target.prediction
-        sigma_max, sigma_min = _edm_sigma(process, process.t_max), _edm_sigma(process, process.t_min)
+        kd = kdiffusion_sampling()
+        process = target.process
+        sigma_max, sigma_min = k_sigma(process, process.t_max), k_sigma(process, process.t_min)
         if sigmas == "karras":
             grid = kd.get_sigmas_karras(steps, sigma_min, sigma_max, device="cpu")
         else:
             grid = kd.get_sigmas_exponential(steps, sigma_min, sigma_max, device="cpu")
 
-        def denoiser(x, sigma):  # EDM space: x = x0 + sigma * eps, i.e. x / alpha(t) in the process's coordinates
-            s = sigma.reshape(-1)[0].to(torch.float64)
-            t = process.t_from_log_snr(-s.log()).clamp(process.t_min, process.t_max)  # lambda = log(alpha / sigma)
-            alpha = float(process.alpha(t))
-            x_t, t_b = x * alpha, _time(t, x)
-            return convert(target.model(x_t, t_b), x_t, t_b, process, source=prediction, target="x0")
+        # EDM space: x = x0 + sigma * eps, i.e. x / alpha(t) in the process's coordinates (fewstep.to_k_diffusion)
+        denoiser = to_k_diffusion(target.model, process, target.prediction)
 
         # sigmas in the noise's dtype: the samplers' sigma-shaped tensors would otherwise promote float32 x to float64
         counted = _Counted(denoiser)
@@ -265,8 +220,8 @@ def peers(target: Target | None = None) -> dict[str, PeerRun]:
     if d is not None:
         d.utils.logging.set_verbosity_error()  # their config-fix-up notices would flood the benchmark output
         found.update({name: _diffusers_peer(factory) for name, factory in _diffusers_configs(d, probe).items()})
-    finite_start = math.isfinite(_edm_sigma(probe.process, probe.process.t_max))
-    if finite_start and probe.prediction in ("eps", "v", "x0", "velocity", "score") and _kdiffusion_sampling() is not None:
+    finite_start = math.isfinite(k_sigma(probe.process, probe.process.t_max))
+    if finite_start and probe.prediction in ("eps", "v", "x0", "velocity", "score") and kdiffusion_sampling() is not None:
         for sampler in KDIFFUSION_SAMPLERS:
             for sigmas in ("karras", "exponential"):
                 found[f"k-diffusion {sampler.removeprefix('sample_')} {sigmas}"] = _kdiffusion_peer(sampler, sigmas)

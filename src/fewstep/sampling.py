@@ -42,6 +42,7 @@ def sample(
     x0_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     nfe: int | None = None,
     tuning: Tuning | str | os.PathLike | None = None,
+    model_kwargs: dict[str, Any] | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """Sample from a diffusion or flow model with `steps` solver steps; returns x0 [batch, ...].
@@ -60,16 +61,22 @@ def sample(
     x0_fn: post-processing of every data prediction, x0 [batch, ...] -> x0 (thresholding or clipping, see
         `fewstep.guidance`); the noise prediction is made consistent with it.
     options: solver-specific options (see `fewstep solvers`).
+    model_kwargs: keyword arguments passed to every model call, `model(x, t, **model_kwargs)` (conditioning: class
+        labels, text embeddings): tensors of shape [batch, ...] (per sample; sliced with the samples where a solver
+        runs each sample on its own) or [1, ...] (broadcast). t_start and t_end are numbers: per-sample times are not
+        supported (group the samples by time).
     solver="auto": fewstep chooses solver, steps and grid for the budget `nfe` (required then; `steps`, `schedule`
         and options are not used): the model's tuned configuration at that NFE (`fewstep tune`; `tuning` = a
         `fewstep.Tuning` or its file, else the tuning a loaded checkpoint carries) when it matches the model, process
         and prediction, else `fewstep.recommended(nfe, process)`. The result's attribute `choice` says which, and why.
     The result carries the number of network evaluations used as the attribute `nfe`.
     """
+    _check_scalar_time("t_start", t_start)
+    _check_scalar_time("t_end", t_end)
     if solver == "auto":
         return _sample_auto(model, noise, process, prediction, nfe, tuning, schedule, t_start, t_end, options,
                             denoise_to_zero=denoise_to_zero, generator=generator, callback=callback, progress=progress,
-                            differentiable=differentiable, x0_fn=x0_fn)  # fmt: skip
+                            differentiable=differentiable, x0_fn=x0_fn, model_kwargs=model_kwargs)  # fmt: skip
     if nfe is not None or tuning is not None:
         raise ValueError("nfe and tuning are used only with solver='auto'; with a named solver, pass steps")
     spec = get_solver(solver)
@@ -86,6 +93,13 @@ def sample(
     steps = check_steps(steps)
     _check_noise(noise)
     _check_generator(generator, noise.shape[0])
+    if model_kwargs is not None:
+        model = KeywordModel(model, model_kwargs, noise.shape[0])
+        if options.get("per_sample") and noise.shape[0] > 1:  # one solver run per sample: one call of sample each
+            return _per_sample(model, noise, process=process, prediction=prediction, solver=solver, steps=steps,
+                               schedule=schedule, t_start=t_start, t_end=t_end, denoise_to_zero=denoise_to_zero,
+                               generator=generator, callback=callback, progress=progress, differentiable=differentiable,
+                               x0_fn=x0_fn, **options)  # fmt: skip
     for name, flag in (("denoise_to_zero", denoise_to_zero), ("progress", progress), ("differentiable", differentiable)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {name}={flag!r}")
@@ -113,6 +127,89 @@ def sample(
         denoiser.flag_state(x, run.steps, run.t[-1])
     denoiser.raise_if_not_finite()
     x.nfe = denoiser.nfe
+    return x
+
+
+class KeywordModel:
+    """`model(x, t, **kwargs)` as a fewstep model `(x, t) -> Tensor` (the `model_kwargs` of `sample`).
+
+    kwargs: conditioning for a batch of `batch` samples; tensors of shape [batch, ...] are passed as they are, tensors
+    of shape [1, ...] are broadcast (expanded, no copy), other values and 0-d tensors are passed unchanged; nested
+    dicts (diffusers' `added_cond_kwargs`) likewise. The model's `nfe_per_call` (guidance) is forwarded.
+    """
+
+    def __init__(self, model: Callable[..., torch.Tensor], kwargs: dict[str, Any], batch: int, name: str = "model_kwargs"):
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise TypeError(f"{name} must be a dict of keyword arguments for the model, got {type(kwargs).__name__}")
+        self.model, self.batch = model, batch
+        self.kwargs = _broadcast_kwargs(kwargs, batch, name)
+
+    @property
+    def nfe_per_call(self) -> int:
+        return getattr(self.model, "nfe_per_call", 1)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != self.batch:
+            raise ValueError(
+                f"model_kwargs hold conditioning for {self.batch} samples but the solver evaluated {x.shape[0]}; "
+                "pass the conditioning of exactly the samples in noise"
+            )
+        return self.model(x, t, **self.kwargs)
+
+
+def _broadcast_kwargs(kwargs: dict[str, Any], batch: int, name: str) -> dict[str, Any]:
+    """kwargs with [1, ...] tensors expanded to [batch, ...]; a ValueError naming `name[key]` for another batch size."""
+    out = {}
+    for key, value in kwargs.items():
+        where = f"{name}[{key!r}]"
+        if isinstance(value, dict):
+            value = _broadcast_kwargs(value, batch, where)
+        elif isinstance(value, torch.Tensor) and value.ndim >= 1:
+            if value.shape[0] == 1 and batch != 1:
+                value = value.expand(batch, *value.shape[1:])
+            elif value.shape[0] != batch:
+                raise ValueError(
+                    f"{where} has shape {tuple(value.shape)}: its first axis must be the batch of noise ({batch}) or 1 "
+                    "(broadcast to every sample)"
+                )
+        out[key] = value
+    return out
+
+
+def batch_rows(kwargs: dict[str, Any], b: int, batch: int) -> dict[str, Any]:
+    """The conditioning of sample b alone: row b of every [batch, ...] tensor in kwargs (nested dicts too)."""
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, dict):
+            value = batch_rows(value, b, batch)
+        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+            value = value[b : b + 1]
+        out[key] = value
+    return out
+
+
+def _check_scalar_time(name: str, value: Any) -> None:
+    """t_start / t_end: None or one number; a ValueError saying so for a tensor or sequence of several times."""
+    several = isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.numel() > 1)
+    if several:
+        raise ValueError(
+            f"{name} must be a number; per-sample times ({name} as a tensor or list of shape [batch]) are not supported "
+            f"by fewstep.sample: call it once per group of samples that share {name}"
+        )
+
+
+def _per_sample(model: KeywordModel, noise: torch.Tensor, *, generator, **common) -> torch.Tensor:
+    """`sample` of a per-sample solver (dpm_adaptive(per_sample=True)) with model_kwargs: one run per sample, each
+    with its own rows of the conditioning."""
+    rows, nfe = [], 0
+    for b in range(noise.shape[0]):
+        g = generator[b : b + 1] if isinstance(generator, (list, tuple)) else generator
+        model_b = KeywordModel(model.model, batch_rows(model.kwargs, b, noise.shape[0]), 1)
+        x = sample(model_b, noise[b : b + 1], generator=g, **common)
+        rows.append(x)
+        nfe += x.nfe
+    x = torch.cat(rows)
+    x.nfe = nfe
     return x
 
 

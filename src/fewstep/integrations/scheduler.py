@@ -1,0 +1,502 @@
+"""`FewstepScheduler`: any fewstep solver as a drop-in diffusers scheduler (`pipe.scheduler = ...from_config(...)`).
+
+diffusers' scheduler contract (SchedulerMixin + ConfigMixin): `set_timesteps(n, device, timesteps=None, sigmas=None)`
+lists `timesteps`, one per network evaluation, in the model's convention; the pipeline calls the network at each and
+hands its output to `step(model_output, timestep, sample)`, which returns `prev_sample`, the next network input.
+Here `step` feeds the output to `fewstep.sample` itself, paused at every evaluation (`handoff.SolverThread`): the
+pipeline's loop runs exactly fewstep's solver, grid and final-step policy, so its output is `fewstep.sample`'s on
+the same model and grid (multistep, singlestep/Runge-Kutta with their intermediate times exposed as timesteps, and
+stochastic solvers drawing from the `generator` given to `step`). Every `set_timesteps` starts a new run (no state
+survives). The model conventions (betas, prediction type, flow shift, clipping) come from the pipeline's scheduler
+config (`conventions`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from ..budget import plan_for_nfe
+from ..checks import check_steps
+from ..grids import PARAMETERS, SCHEDULES, Schedule, ScheduleLike, check_grid, time_grid
+from ..parameterization import Coefficients, to_x0_eps
+from ..processes import Process
+from ..sampling import sample as fewstep_sample
+from ..solvers import get_solver
+from .conventions import MODEL_KEYS, Convention, as_mapping, canonical_config, convention, spacing_timesteps
+from .flow import FlowShift, shift_time
+from .handoff import Ask, Done, EvaluationPlan, SolverThread, evaluation_plan
+
+UNSUPPORTED = {
+    "dpm_adaptive": "it chooses its steps from the model's outputs, so its timesteps are not known before sampling",
+    "time_shift": "it evaluates each sample at its own time, and a diffusers pipeline passes one timestep per batch",
+}
+BUDGETS = ("steps", "nfe")
+PIPELINE_SPACING = "diffusers"  # schedule name: the config's timestep_spacing (DiscreteVP) / the shifted grid (flow)
+TIMESTEP_TOLERANCE = 1e-5  # relative: a timestep passed to step() must match the expected one this closely
+
+
+@dataclass
+class FewstepSchedulerOutput(BaseOutput):
+    """step()'s result: `prev_sample` (the next network input, or the final sample) and the data prediction of this
+    evaluation under both of diffusers' names, `pred_original_sample` and `denoised`. Shapes: like `sample`."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+    denoised: torch.Tensor | None = None
+
+
+class _GeneratorSlot:
+    """The generator of the step() in progress, read by the solver's noise source (shared with the worker thread)."""
+
+    def __init__(self):
+        self.generator: torch.Generator | list[torch.Generator] | None = None
+
+    def __call__(self, x: torch.Tensor, t_from: float, t_to: float) -> torch.Tensor:
+        """Standard normal noise like x, drawn as fewstep's `Run.noise_like` draws from a generator (or a list)."""
+        g = self.generator
+        if g is None:
+            return torch.randn_like(x)
+        if isinstance(g, torch.Generator):
+            return torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype).to(x.device)
+        if len(g) != x.shape[0]:
+            raise ValueError(f"generator is a list of {len(g)} generators but the batch has {x.shape[0]} samples")
+        return torch.stack([torch.randn(x.shape[1:], generator=gi, device=gi.device, dtype=x.dtype) for gi in g]).to(x.device)
+
+
+def _internal_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The solver's working dtype: float32 for half-precision pipelines (as diffusers' schedulers upcast)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class FewstepScheduler(SchedulerMixin, ConfigMixin):
+    """A fewstep solver as a diffusers scheduler.
+
+    `FewstepScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m", schedule="logsnr")` reads the model's
+    conventions (betas or flow shift, prediction type, clipping) from any diffusers scheduler config; the keyword
+    arguments choose the sampler: `solver` (any deterministic or stochastic fewstep solver but dpm_adaptive and
+    time_shift), `solver_options` (dict), `schedule` (a fewstep grid name; None: the process's default, log-SNR for
+    DDPM betas, time-uniform for zero terminal SNR, the shifted time-uniform grid for flows; "diffusers": the config's
+    `timestep_spacing`), `rho` (of "karras"/"polyexponential"), `denoise_to_zero` (end on the data prediction at the
+    last time: one more evaluation) and `budget` ("steps": num_inference_steps = solver steps, as diffusers; "nfe":
+    num_inference_steps = network evaluations). `order` is the number of network evaluations per step.
+    """
+
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | None = None,
+        rescale_betas_zero_snr: bool = False,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+        variance_type: str | None = None,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        solver: str = "dpmpp_2m",
+        schedule: str | None = None,
+        rho: float | None = None,
+        solver_options: dict[str, Any] | None = None,
+        denoise_to_zero: bool = True,
+        budget: str = "steps",
+    ):
+        model = {key: getattr(self.config, key) for key in MODEL_KEYS}
+        # A dynamic-shift flow gets its shift from set_timesteps(mu=...); shift 1 validates the rest meanwhile.
+        self._convention = convention(model, shift=1.0 if use_dynamic_shifting else None)
+        spec = get_solver(solver)
+        if solver in UNSUPPORTED:
+            raise ValueError(f"solver={solver!r} cannot run as a diffusers scheduler: {UNSUPPORTED[solver]}")
+        if solver_options is not None and not isinstance(solver_options, Mapping):
+            raise ValueError(f"solver_options must be a dict of options of solver {solver!r}, got {solver_options!r}")
+        self._options = dict(solver_options or {})
+        spec.check_options(self._options)
+        self._schedule = _check_schedule(schedule, rho)
+        if not isinstance(denoise_to_zero, bool):
+            raise ValueError(f"denoise_to_zero must be True or False, got denoise_to_zero={denoise_to_zero!r}")
+        if budget not in BUDGETS:
+            raise ValueError(f"budget={budget!r} is not known; allowed values: {', '.join(BUDGETS)}")
+        self._stochastic = spec.stochastic
+        self._reset()
+        self.timesteps: torch.Tensor | None = None
+        self.sigmas: torch.Tensor | None = None
+        self.num_inference_steps: int | None = None
+        process = self._convention.process
+        self.init_noise_sigma = float(process.sigma(process.t_max))
+
+    # Configuration ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any):
+        """A FewstepScheduler for the model of any diffusers scheduler config (see `conventions.canonical_config`);
+        kwargs set the sampler (solver, schedule, rho, solver_options, denoise_to_zero, budget) or override keys."""
+        allowed = set(cls._get_init_keys(cls)) - {"self"}
+        unknown = sorted(set(kwargs) - allowed - {"dtype"})
+        if unknown:
+            names = ", ".join(sorted(allowed))
+            raise ValueError(f"FewstepScheduler.from_config does not take {', '.join(unknown)}; allowed: {names}")
+        config = as_mapping({} if config is None else config, "config")
+        model = canonical_config(config)
+        if "_class_name" not in config:  # keys of an unnamed class can be neither kept for it nor used: drop them
+            config = {key: value for key, value in config.items() if key in allowed or key.startswith("_")}
+        merged = {**config, **model}
+        merged.pop("_use_default_values", None)  # every key describes the model, default or not
+        return super().from_config(merged, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    # State --------------------------------------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        """Forget any run: the worker, the plan and the step counters."""
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
+            thread.close()
+        self._thread: SolverThread | None = None
+        self._plan: EvaluationPlan | None = None
+        self._grid: torch.Tensor | None = None
+        self._denoise = self.config.denoise_to_zero
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+        self._handed: torch.Tensor | None = None
+        self._generator = _GeneratorSlot()
+
+    @property
+    def step_index(self) -> int | None:
+        """Index in `timesteps` of the next evaluation (None before the first step)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """Index in `timesteps` where sampling starts (img2img), None for the start."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at `timesteps[begin_index]` (img2img: `t_start * order`); it must be the first evaluation of a step,
+        and the run from that step is `fewstep.sample` from that grid time (a multistep solver warms up again)."""
+        if self._plan is None:
+            raise ValueError("call set_timesteps before set_begin_index")
+        if self._thread is not None:
+            raise ValueError("set_begin_index must be called before the first step(); call set_timesteps to start over")
+        starts = self._plan.step_starts
+        if begin_index not in starts:
+            raise ValueError(
+                f"begin_index={begin_index!r} is not the first evaluation of a step of solver {self.config.solver!r}; "
+                f"allowed values: {', '.join(map(str, starts))}"
+            )
+        j = starts.index(begin_index)
+        if j > 0:
+            sub = self._plan_for(self._grid[j:])
+            if sub.times != self._plan.times[begin_index:]:
+                raise ValueError(
+                    f"solver {self.config.solver!r} evaluates at other times when it starts at step {j} than the full run "
+                    "does from there, so the pipeline's timesteps[begin_index:] would be wrong; use a multistep solver "
+                    "(e.g. dpmpp_2m, unipc, deis) for img2img"
+                )
+        self._begin_index = begin_index
+
+    def _convention_for(self, mu: float | None) -> Convention:
+        """The model's convention for this run: a dynamic-shift flow takes its shift from `mu` (as diffusers, `mu`
+        is ignored otherwise)."""
+        if not self.config.use_dynamic_shifting:
+            return self._convention
+        if mu is None:
+            raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting is True (the pipeline computes it)")
+        return convention({key: getattr(self.config, key) for key in MODEL_KEYS}, mu=mu)
+
+    # Timesteps ----------------------------------------------------------------------------------------------------
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[float] | torch.Tensor | None = None,
+        sigmas: list[float] | torch.Tensor | None = None,
+        mu: float | None = None,
+    ) -> None:
+        """Plan a new run (all earlier state is dropped): `num_inference_steps` solver steps (or NFE, budget="nfe")
+        on the configured grid, or the grid given as `timesteps` (model timesteps) or `sigmas` (DDPM models:
+        k-diffusion's sigma/alpha, a final 0 dropped; flows: unshifted sigmas, as FlowMatchEulerDiscreteScheduler takes
+        them), decreasing; the run ends with the data prediction at the last one (denoise_to_zero), so n given
+        values cost n evaluations with a one-evaluation-per-step solver, as in diffusers. `mu`: the dynamic shift of a
+        flow (FLUX). `self.timesteps` then lists the model timestep of every network evaluation, in order."""
+        self._reset()
+        conv = self._convention_for(mu)
+        if timesteps is not None or sigmas is not None:
+            grid, denoise = self._given_grid(conv, num_inference_steps, timesteps, sigmas), self.config.denoise_to_zero
+        else:
+            grid, denoise = self._planned_grid(conv, num_inference_steps)
+        self._convention, self._grid, self._denoise = conv, grid, denoise
+        self._plan = self._plan_for(grid)
+        times = torch.tensor(self._plan.times, dtype=torch.float64)
+        self._coefficients = _coefficients(conv.process, times)
+        self.num_inference_steps = len(grid) - 1
+        self.order = self._plan.per_step() or 1
+        dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64  # no float64 on MPS
+        self._timestep_values = conv.timestep(times).tolist()
+        self.timesteps = conv.timestep(times).to(device=device, dtype=dtype)
+        process = conv.process
+        ends_at_data = denoise or float(process.sigma(float(grid[-1]))) == 0
+        self.sigmas = _pipeline_sigmas(conv, torch.cat([times, grid[-1:]]), ends_at_data)
+        self.init_noise_sigma = float(process.sigma(float(grid[0])))
+
+    def _plan_for(self, grid: torch.Tensor) -> EvaluationPlan:
+        conv = self._convention
+        plan = evaluation_plan(conv.process, conv.prediction, self.config.solver, grid, denoise_to_zero=self._denoise,
+                               options=self._options, x0_fn=conv.x0_fn)  # fmt: skip
+        if not plan.starts_at_state:
+            raise ValueError(
+                f"solver {self.config.solver!r} with solver_options={self._options} changes the state before its first "
+                "evaluation (noise churn at the start), which a pipeline cannot feed to the network; change the options"
+            )
+        return plan
+
+    def _planned_grid(self, conv: Convention, num_inference_steps: int | None) -> tuple[torch.Tensor, bool]:
+        n = check_steps(num_inference_steps, "num_inference_steps")
+        process, denoise = conv.process, self.config.denoise_to_zero
+        if self.config.budget == "nfe":
+            steps, denoise = plan_for_nfe(self.config.solver, n, process, **self._options)
+        else:
+            steps = n
+        schedule = self._schedule
+        if schedule == PIPELINE_SPACING and not conv.flow:
+            ks = torch.tensor(spacing_timesteps(self.config, steps), dtype=torch.float64)
+            return _checked(process, conv.time(ks), "timestep_spacing"), denoise
+        if conv.flow:
+            base = "time_uniform" if schedule in (None, PIPELINE_SPACING) else schedule
+            schedule = FlowShift(process.shift, base)
+        return time_grid(process, steps, process.t_max, process.t_min, schedule), denoise
+
+    def _given_grid(self, conv: Convention, num_inference_steps, timesteps, sigmas) -> torch.Tensor:
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("pass timesteps or sigmas to set_timesteps, not both")
+        name = "timesteps" if timesteps is not None else "sigmas"
+        values = torch.as_tensor(timesteps if timesteps is not None else sigmas).detach().to("cpu", torch.float64).flatten()
+        if num_inference_steps is not None and num_inference_steps != values.numel():
+            count = values.numel()
+            raise ValueError(f"num_inference_steps={num_inference_steps} but {name} has {count} values; pass one or the other")
+        process = conv.process
+        if timesteps is not None:
+            ts = conv.time(values)
+        elif conv.flow:
+            ts = shift_time(values, process.shift)
+        else:  # a final sigma 0 (k-diffusion's "end on the data") is what the final denoising does
+            sig = values[:-1] if values.numel() > 2 and float(values[-1]) == 0 else values
+            ts = process.t_from_log_snr(-torch.log(sig))
+        return _checked(process, ts, name)
+
+    # The loop -----------------------------------------------------------------------------------------------------
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        """The network input for `sample`: `sample` itself (fewstep's states are the process's own x_t)."""
+        return sample
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        return_dict: bool = True,
+        eta: float | None = None,
+        use_clipped_model_output: bool | None = None,
+    ) -> FewstepSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
+        """Hand the network's output at (`sample`, `timestep`) to the solver; returns the next network input as
+        `prev_sample` (after the last evaluation: the final sample) and this evaluation's data prediction.
+
+        `timestep` must be `timesteps[step_index]`; `sample` the previous `prev_sample` (a pipeline that changes the
+        latents between steps, e.g. inpainting, passes the changed tensor, which replaces the solver's state).
+        `generator`: the noise of stochastic solvers (as `fewstep.sample(generator=...)`). `eta`: DDIM pipelines pass
+        0; a stochastic solver is chosen with `solver=` instead. Shapes: model_output and sample [batch, ...].
+        """
+        if self._plan is None:
+            raise ValueError("call set_timesteps before step")
+        if eta:
+            hint = f"solver='ddim_eta' with solver_options={{'eta': {eta}}}"
+            raise ValueError(f"eta={eta!r} is a DDIMScheduler option; choose {hint}")
+        conv = self._convention
+        if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
+            raise TypeError("model_output and sample must be tensors")
+        model_output = conv.take_prediction(model_output, sample.shape[1] if sample.ndim > 1 else 0)
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample has {tuple(sample.shape)}")
+        k = self._index_of(timestep)
+        self._generator.generator = generator
+        ask = self._start(sample, k) if self._thread is None else self._thread.pending
+        x = ask.x
+        if sample is not self._handed and sample is not x:
+            x.copy_(sample)  # the pipeline's latents are the state (the start, or latents it changed)
+        out = model_output.to(x.dtype)
+        x0 = to_x0_eps(out, conv.prediction, x, self._coefficients[k])[0]
+        x0 = conv.x0_fn(x0) if conv.x0_fn is not None else x0
+        message = self._thread.tell(out)
+        self._step_index = k + 1
+        last = k + 1 == len(self._plan.times)
+        if isinstance(message, Done) != last:
+            raise RuntimeError(f"the solver's evaluations diverged from its plan at evaluation {k} (a fewstep bug)")
+        prev = message.x.to(sample.dtype)
+        x0 = x0.to(sample.dtype)
+        self._handed = prev
+        if not return_dict:
+            return prev, x0
+        return FewstepSchedulerOutput(prev_sample=prev, pred_original_sample=x0, denoised=x0)
+
+    def _index_of(self, timestep: Any) -> int:
+        """The evaluation index this step() is for, checking `timestep` against it (host sync only where unavoidable)."""
+        n = len(self._plan.times)
+        if self._step_index is None:
+            self._step_index = self._begin_index if self._begin_index is not None else self._first_index(timestep)
+        k = self._step_index
+        if k >= n:
+            raise ValueError(f"all {n} evaluations of this run are done; call set_timesteps to sample again")
+        expected = self._cpu_timestep(k)
+        given = self._timestep_value(timestep, k)
+        if given is not None and not abs(given - expected) <= TIMESTEP_TOLERANCE * max(1.0, abs(expected)):
+            raise ValueError(
+                f"timestep={given!r} is not the timestep of evaluation {k} ({expected!r}): step() must be called with "
+                "scheduler.timesteps in order, once each, after set_timesteps (and set_begin_index for img2img)"
+            )
+        return k
+
+    def _cpu_timestep(self, k: int) -> float:
+        return self._timestep_values[k]
+
+    def _timestep_value(self, timestep: Any, k: int) -> float | None:
+        """timestep as a float; None when it is element k of `self.timesteps` itself (checked without a device sync)."""
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1:
+                shape = tuple(timestep.shape)
+                raise ValueError(f"timestep must be one timestep (the whole batch is at one time), got shape {shape}")
+            if timestep.device.type != "cpu" and self._offset_in_timesteps(timestep) == k:
+                return None
+            return float(timestep.reshape(()).item())
+        try:
+            return float(timestep)
+        except (TypeError, ValueError):
+            raise ValueError(f"timestep must be a number or a one-element tensor, got {type(timestep).__name__}") from None
+
+    def _offset_in_timesteps(self, timestep: Any) -> int | None:
+        """The index of `timestep` in `self.timesteps` when it is a one-element view of it (no device sync), else None."""
+        ts = self.timesteps
+        if not isinstance(timestep, torch.Tensor) or timestep.numel() != 1 or timestep.dtype != ts.dtype:
+            return None
+        if timestep.untyped_storage().data_ptr() != ts.untyped_storage().data_ptr():
+            return None
+        return timestep.storage_offset() - ts.storage_offset()
+
+    def _first_index(self, timestep: Any) -> int:
+        """Without set_begin_index: the first step start whose timestep is `timestep` (diffusers' _init_step_index)."""
+        offset = self._offset_in_timesteps(timestep)
+        if offset is not None and offset in self._plan.step_starts:
+            if offset:
+                self.set_begin_index(offset)
+            return offset
+        value = float(torch.as_tensor(timestep).reshape(-1)[0].item())
+        for k in self._plan.step_starts:
+            expected = self._cpu_timestep(k)
+            if abs(value - expected) <= TIMESTEP_TOLERANCE * max(1.0, abs(expected)):
+                if k:
+                    self.set_begin_index(k)
+                return k
+        raise ValueError(
+            f"timestep={value!r} is not the first timestep of any step of this run; call step() with scheduler.timesteps "
+            "in order, or set_begin_index(...) for img2img"
+        )
+
+    def _start(self, sample: torch.Tensor, k: int) -> Ask:
+        """Start fewstep.sample in the worker from `sample` at the grid time of evaluation k; returns its first ask."""
+        conv, plan = self._convention, self._plan
+        grid = self._grid[plan.step_starts.index(k) :]
+        noise = sample.detach().to(_internal_dtype(sample.dtype)) / float(conv.process.sigma(float(grid[0])))
+        options, denoise, solver = self._options, self._denoise, self.config.solver
+        source = self._generator if self._stochastic else None
+
+        def solve(model):
+            return fewstep_sample(model, noise, process=conv.process, prediction=conv.prediction, solver=solver,
+                                  steps=len(grid) - 1, schedule=grid, denoise_to_zero=denoise, generator=source,
+                                  x0_fn=conv.x0_fn, **options)  # fmt: skip
+
+        self._thread = SolverThread(solve)
+        first = self._thread.start()
+        if not isinstance(first, Ask):
+            raise RuntimeError("the solver finished without evaluating the model (a fewstep bug)")
+        return first
+
+    # Noising (img2img, training) ----------------------------------------------------------------------------------
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: Any) -> torch.Tensor:
+        """x_t = alpha(t) x0 + sigma(t) noise at the model timesteps (a scalar or [batch]); x0, noise [batch, ...]."""
+        conv = self._convention
+        k = torch.as_tensor(timesteps, device=original_samples.device)
+        k = k.to(torch.float32 if k.device.type == "mps" else torch.float64).reshape(-1)
+        t = conv.time(k)
+        lo, hi = float(t.min()), float(t.max())
+        process = conv.process
+        if lo < process.t_min - 1e-9 or hi > process.t_max + 1e-9:
+            first, last = (float(conv.timestep(v)) for v in (process.t_min, process.t_max))
+            got = f"[{float(conv.timestep(lo)):g}, {float(conv.timestep(hi)):g}]"
+            raise ValueError(f"timesteps must lie in [{first:g}, {last:g}] (the model's range), got {got}")
+        t = t.clamp(process.t_min, process.t_max)
+        return process.add_noise(original_samples, t if t.numel() > 1 else t.reshape(()), noise)
+
+    def scale_noise(self, sample: torch.Tensor, timestep: Any, noise: torch.Tensor) -> torch.Tensor:
+        """FlowMatch schedulers' name for `add_noise` (with its argument order): (1 - sigma) sample + sigma noise."""
+        return self.add_noise(sample, noise, timestep)
+
+
+def _check_schedule(schedule: Any, rho: float | None) -> ScheduleLike:
+    """The configured grid: None, "diffusers", or a fewstep grid name (with rho for karras / polyexponential)."""
+    if schedule is None or schedule == PIPELINE_SPACING:
+        if rho is not None:
+            raise ValueError(f"rho is a parameter of the karras and polyexponential schedules, not of schedule={schedule!r}")
+        return schedule
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        allowed = f"None, {PIPELINE_SPACING!r}, {', '.join(SCHEDULES)}"
+        raise ValueError(f"schedule={schedule!r} is not known; allowed values: {allowed}")
+    if rho is not None and schedule not in PARAMETERS:
+        raise ValueError(f"rho is a parameter of the karras and polyexponential schedules, not of schedule={schedule!r}")
+    return Schedule(schedule, **({} if rho is None else {"rho": rho}))
+
+
+def _checked(process: Process, ts: torch.Tensor, name: str) -> torch.Tensor:
+    """A grid given as times, validated by fewstep's grid check (a ValueError naming `name`)."""
+    if ts.numel() < 2:
+        raise ValueError(f"{name} must give at least one step")
+    return check_grid(process, ts, ts.numel() - 1, name, "pass decreasing values inside the model's range")
+
+
+def _pipeline_sigmas(conv: Convention, times: torch.Tensor, ends_at_data: bool) -> torch.Tensor:
+    """diffusers' `sigmas` (float32): per time the flow sigma t, or k-diffusion's sigma/alpha for DDPM models; the
+    last entry is 0 where the run ends on the data."""
+    sigmas = times.clone() if conv.flow else conv.process.sigma(times) / conv.process.alpha(times)
+    if ends_at_data:
+        sigmas[-1] = 0.0
+    return sigmas.to(torch.float32)
+
+
+def _coefficients(process: Process, times: torch.Tensor) -> list[Coefficients]:
+    """Coefficients (Python floats) at each of the float64 times [n], computed in one pass."""
+    columns = (process.alpha(times), process.sigma(times), process.dalpha_dt(times), process.dsigma_dt(times))
+    return [Coefficients(*c) for c in zip(*(col.tolist() for col in columns), strict=True)]
