@@ -106,3 +106,11 @@ def test_bad_process_arguments():
         fewstep.VE(sigma_min=5.0, sigma_max=1.0)
     with pytest.raises(ValueError, match="betas"):
         fewstep.DiscreteVP(torch.tensor([0.1, 1.5]))
+
+
+def test_betas_given_as_python_floats_keep_float64():
+    """A list of floats (e.g. from a JSON checkpoint config) is read in float64, not rounded through float32."""
+    betas = [0.0001 + 0.0199 * i / 999 for i in range(1000)]
+    process = fewstep.DiscreteVP(betas)
+    assert torch.equal(process.betas, torch.tensor(betas, dtype=torch.float64))
+    assert process.betas[1].item() == betas[1]

@@ -146,6 +146,8 @@ def _check_betas(betas: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"betas must be a 1-D sequence of at least 2 real numbers, got a {type(betas).__name__}")
     try:
         raw = torch.as_tensor(betas)
+        if not isinstance(betas, torch.Tensor) and raw.is_floating_point():  # not through torch's default float32
+            raw = torch.as_tensor(betas, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"betas must be a 1-D sequence of at least 2 real numbers ({err})") from err
     if raw.is_complex() or raw.dtype == torch.bool or raw.ndim != 1 or raw.numel() < 2:
