@@ -422,6 +422,7 @@ def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, method, pr
     for _ in range(4):
         first.train_step()
     path = first.save()
+    saved_seconds = first.objective.clock.seconds
     for _ in range(2):
         first.train_step()
     resumed = make("b")
@@ -432,7 +433,10 @@ def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, method, pr
     assert torch.equal(_params(resumed.ema.module), _params(straight.ema.module))
     assert resumed.loss_history == straight.loss_history
     state, extra = straight.objective.state()
-    assert state.keys() == resumed.objective.state()[0].keys() and extra == resumed.objective.state()[1]
+    resumed_extra = resumed.objective.state()[1]
+    assert resumed_extra["seconds"] > saved_seconds > 0  # the clock carries over the resume
+    extra, resumed_extra = ({k: v for k, v in e.items() if k != "seconds"} for e in (extra, resumed_extra))  # wall time
+    assert state.keys() == resumed.objective.state()[0].keys() and extra == resumed_extra
     assert all(torch.equal(v, resumed.objective.state()[0][k]) for k, v in state.items())
     if method == "pd":
         assert extra == {"round": 2} and state  # two round changes, one before and one after the resume point
@@ -535,3 +539,78 @@ def test_cli_distill_runs_resumes_and_rejects_bad_input(tmp_path):
     assert bad.exit_code == 2 and "--method" in bad.output and "cd, ct, ect, pd" in bad.output, bad.output
     bad = runner.invoke(app, [*base, "--method", "cd", "--set", "distill.gamma=2", "--out", str(tmp_path / "c")])
     assert bad.exit_code == 2 and "distill.gamma" in bad.output, bad.output
+
+
+# fewstep bench distill ------------------------------------------------------------------------------------------------
+
+TINY_UNET = {"type": "unet", "in_channels": 1, "channels": [8], "mid_attention": False, "emb_features": 16}
+
+
+def _digits_pair(tmp_path) -> tuple:
+    """A tiny random digits-shaped flow teacher and a 'student' storing times for 1 and 2 steps (90 s of training)."""
+    from fewstep.distill.student import student_record
+    from fewstep.train import save_checkpoint
+
+    process = fewstep.RectifiedFlow()
+    config = {"model": {"net": TINY_UNET, "prediction": "velocity"}, "process": {"type": "rectified_flow"},
+              "train": {"data": "digits"}}  # fmt: skip
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "teacher", model=build_model(config["model"], process), config=config)
+    extra = {**student_record({1: [1.0, 0.0], 2: [1.0, 0.4, 0.0]}, 0.0), "train_seconds": 90.0}
+    save_checkpoint(tmp_path / "student", model=build_model(config["model"], process), config=config, extra=extra)
+    return load_checkpoint(tmp_path / "teacher.json"), load_checkpoint(tmp_path / "student.json")
+
+
+def test_bench_distill_scores_students_beside_the_teacher(tmp_path):
+    from fewstep.distill.bench import REFERENCE_SOLVERS, bench_distill, markdown
+
+    teacher, student = _digits_pair(tmp_path)
+    noise = torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    fd = lambda x: float(x.double().pow(2).mean())  # noqa: E731 - any samples -> number works as the score
+    bench = bench_distill([("mine", student)], ("tiny", teacher), noise, fd, steps=(4, 1, 2), reference_nfe=6)
+
+    def run(model, **kw) -> float:
+        return fd(fewstep.sample(model.model, noise, process=model.process, prediction="velocity", **kw))
+
+    mine = bench.students[0]
+    assert sorted(mine.fds) == [1, 2] and mine.train_seconds == 90.0  # no stored times for 4 steps: not scored
+    for n, times in ((1, [1.0, 0.0]), (2, [1.0, 0.4, 0.0])):
+        expected = run(student, solver="consistency", steps=n, schedule=torch.tensor(times), gamma=0.0)
+        assert mine.fds[n].fd == pytest.approx(expected, rel=1e-6)
+    assert bench.training_free[1].fd == pytest.approx(run(teacher, solver="ddim", steps=1, denoise_to_zero=False))
+    free2 = min(run(teacher, solver="ddim", steps=2, denoise_to_zero=False), run(teacher, solver="auto", nfe=2))
+    assert bench.training_free[2].fd == pytest.approx(free2)
+    reference = min(run(teacher, solver=s, steps=6, denoise_to_zero=False) for s in REFERENCE_SOLVERS)
+    assert bench.reference.fd == pytest.approx(reference) and bench.steps == [1, 2, 4]
+    row = next(line for line in markdown(bench).splitlines() if line.startswith("| mine |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "1.5 min" and cells[4] == "-", row
+    assert cells[2].startswith(f"{mine.fds[1].fd:.3g} ({mine.fds[1].fd / reference:.2f}x"), row
+
+
+def test_bench_distill_cells_say_which_target_is_met():
+    from fewstep.distill.bench import DistillBench, Scored, student_cell
+
+    free = {1: Scored(5.0, ""), 2: Scored(1.2, ""), 4: Scored(1.1, "")}
+    bench = DistillBench("t", [1, 2, 4], 1000, 0, 50, Scored(1.0, "dpmpp_2m"), free, [])
+    assert student_cell(bench, 1, Scored(1.9, "")) == "1.9 (1.90x; ≤2x met, beats training-free)"
+    assert student_cell(bench, 2, Scored(1.6, "")) == "1.6 (1.60x; ≤1.5x MISSED, NOT below training-free)"
+    assert student_cell(bench, 4, Scored(1.15, "")) == "1.15 (1.15x; ≤1.2x met, NOT below training-free)"
+    assert student_cell(bench, 4, None) == "-"
+
+
+def test_cli_bench_distill_writes_the_table_and_rejects_bad_students(tmp_path):
+    from typer.testing import CliRunner
+
+    from fewstep.cli import app
+
+    _digits_pair(tmp_path)
+    runner = CliRunner()
+    base = ["bench", "distill", "--teacher", str(tmp_path / "teacher.json"), "--steps", "1,2", "--n", "40",
+            "--reference-nfe", "4", "--out", str(tmp_path / "out")]  # fmt: skip
+    result = runner.invoke(app, [*base, "--students", f"mine={tmp_path / 'student.json'}"])
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "out" / "distill.md").read_text()
+    assert "| mine | 1.5 min |" in table and "best training-free at equal NFE" in table, table
+    bad = runner.invoke(app, [*base, "--students", str(tmp_path / "nope.json")])
+    assert bad.exit_code == 2 and "--students" in bad.output, bad.output

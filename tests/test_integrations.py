@@ -520,3 +520,117 @@ def test_evaluation_plan_detects_state_changes_before_the_first_evaluation():
     low = fewstep.time_grid(process, 4, 40.0, process.t_min)
     churn = evaluation_plan(process, "x0", "edm_sde", low, denoise_to_zero=True, options={})
     assert not churn.starts_at_state
+
+
+# --- solver="auto": tunings in the scheduler ----------------------------------------------------------------------
+
+AUTO_MIXTURE = fewstep.mixture_nd(dim=4, components=3, seed=11)
+AUTO_NOISE = torch.randn(8, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+
+class KeyedMixture:
+    """The exact eps model of AUTO_MIXTURE on a scheduler's process, known to tunings by a key of its own."""
+
+    tuning_key = "mixture4d-exact"
+
+    def __init__(self, process):
+        self.exact = AUTO_MIXTURE.model(process, "eps")
+
+    def __call__(self, x, t):
+        return self.exact(x, t)
+
+
+@pytest.fixture(scope="module")
+def auto_tuning():
+    """A tuning at NFE 4 of KeyedMixture on the DDPM config's process (tiny settings: about 1 s)."""
+    from fewstep.tune import tune
+
+    process = convention(DDPM).process
+    candidates = (("dpmpp_2m", "logsnr"), ("unipc", "quadratic"))
+    return tune(KeyedMixture(process), process, "eps", [4], model_key=KeyedMixture.tuning_key, shape=(4,), samples=16,
+                search_top=1, search_iters=2, reference_steps=100, candidates=candidates)  # fmt: skip
+
+
+@pytest.mark.parametrize("nfe, tuned", [(4, True), (4, False), (5, False), (8, False)])
+def test_auto_scheduler_equals_sample_auto_tuned_and_fallback(auto_tuning, nfe, tuned):
+    """The pipeline loop runs exactly `fewstep.sample(solver="auto")`'s choice: the tuned entry, or the fallback
+    (at NFE 4-5 a grid ending at log-SNR 2 followed by the final denoising evaluation)."""
+    tuning = auto_tuning if tuned else None
+    key = KeyedMixture.tuning_key if tuned else None
+    scheduler = FewstepScheduler.from_config(diffusers.DDPMScheduler(**DDPM).config, solver="auto", tuning=tuning, model=key)
+    process = scheduler._convention.process
+    model = KeyedMixture(process)
+    got, outs = run_pipeline_loop(scheduler, model, AUTO_NOISE, nfe)
+    ref = fewstep.sample(model, AUTO_NOISE, process=process, solver="auto", nfe=nfe, tuning=tuning)
+    assert (got - ref).abs().max().item() <= 1e-12
+    assert scheduler.choice == ref.choice and scheduler.choice["source"] == ("tuned" if tuned else "fallback")
+    assert len(scheduler.timesteps) == ref.nfe == nfe  # num_inference_steps is the NFE
+    if tuned:
+        assert scheduler._grid.tolist() == auto_tuning.entry(nfe).times
+    else:
+        plan = fewstep.recommended(nfe, process)
+        t_end = plan.get("t_end", process.t_min)
+        assert (nfe in (4, 5)) == ("t_end" in plan) and plan["denoise_to_zero"]
+        assert float(scheduler._grid[-1]) == t_end  # the grid ends there ...
+        assert scheduler.timesteps[-1].item() == pytest.approx(t_end * 1000 - 1, abs=1e-9)  # ... and is evaluated there
+        assert float(process.log_snr(t_end)) == pytest.approx(2.0 if nfe < 6 else float(process.log_snr(process.t_min)))
+        assert scheduler.sigmas[-1].item() == 0.0 and torch.equal(outs[-1].denoised, got)
+
+
+def test_auto_scheduler_checks_the_tuning_key_when_given_a_model(auto_tuning, tmp_path):
+    config = diffusers.DDPMScheduler(**DDPM).config
+    path = auto_tuning.save(tmp_path / "t.tuning.json")
+    unchecked = FewstepScheduler.from_config(config, solver="auto", tuning=path)  # a path works; no model: key unchecked
+    unchecked.set_timesteps(4)
+    assert unchecked.choice["source"] == "tuned" and "model weights not checked" in unchecked.choice["reason"]
+    from fewstep.tuning import TuningError
+
+    with pytest.raises(TuningError, match="model weights .* 'mixture4d-exact', not 'another-model'"):
+        FewstepScheduler.from_config(config, solver="auto", tuning=auto_tuning, model="another-model")
+    with pytest.raises(TuningError, match="process"):  # the process is always checked
+        FewstepScheduler.from_config({**DDPM, "beta_schedule": "squaredcos_cap_v2"}, solver="auto", tuning=auto_tuning)
+    # a UNet: its weights' digest is the key (as fewstep.tune / from_diffusers's model_key compute it)
+    unet = tiny_unet()
+    model, process, prediction = fewstep.from_diffusers(unet, config)
+    from fewstep.tuning import Tuning
+
+    data = {**auto_tuning.to_dict(), "model": model.tuning_key}
+    unet_tuning = Tuning.from_dict(data)
+    scheduler = FewstepScheduler.from_config(config, solver="auto", tuning=unet_tuning, model=unet)
+    scheduler.set_timesteps(4)
+    assert scheduler.choice["source"] == "tuned" and "not checked" not in scheduler.choice["reason"]
+    noise = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        x = fewstep.sample(model, noise, process=process, solver="auto", nfe=4, tuning=unet_tuning)
+    assert x.choice == scheduler.choice
+    with torch.no_grad():
+        next(unet.parameters()).add_(1e-3)  # other weights: the digest (recomputed after the change) differs
+    with pytest.raises(TuningError, match="model weights"):
+        FewstepScheduler.from_config(config, solver="auto", tuning=unet_tuning, model=unet)
+
+
+def test_auto_scheduler_bad_input_is_clear():
+    config = diffusers.DDPMScheduler(**DDPM).config
+    with pytest.raises(ValueError, match="solver='auto' chooses the grid and the solver options itself; do not pass schedule"):
+        FewstepScheduler.from_config(config, solver="auto", schedule="logsnr")
+    with pytest.raises(ValueError, match="budget must be 'nfe'"):
+        FewstepScheduler.from_config(config, solver="auto", budget="steps")
+    with pytest.raises(ValueError, match="tuning and model are used only with solver='auto'"):
+        FewstepScheduler.from_config(config, solver="dpmpp_2m", model="key")
+    with pytest.raises(TypeError, match="tuning must be a fewstep Tuning or the path"):
+        FewstepScheduler.from_config(config, solver="auto", tuning=3)
+    scheduler = FewstepScheduler.from_config(config, solver="auto")
+    with pytest.raises(ValueError, match="do not pass timesteps or sigmas"):
+        scheduler.set_timesteps(timesteps=[999, 500, 0])
+    with pytest.raises(ValueError, match="num_inference_steps must be >= 2 with solver='auto'"):
+        scheduler.set_timesteps(1)
+    assert FewstepScheduler.from_config(config, solver="auto").config.budget is None  # tuning/model: not config keys
+
+
+def test_auto_scheduler_on_a_flow_config_equals_sample_auto():
+    scheduler = FewstepScheduler.from_config(flow_config(), solver="auto")
+    process = scheduler._convention.process
+    model = AUTO_MIXTURE.model(process, "velocity")
+    got, _ = run_pipeline_loop(scheduler, model, AUTO_NOISE, 6)
+    ref = fewstep.sample(model, AUTO_NOISE, process=process, prediction="velocity", solver="auto", nfe=6)
+    assert (got - ref).abs().max().item() <= 1e-12 and scheduler.choice == ref.choice and len(scheduler.timesteps) == 6

@@ -11,6 +11,7 @@ import pytest
 import scipy.stats
 import torch
 
+import fewstep
 from fewstep.classifier import class_statistics, digits_split, features_and_logits
 from fewstep.metrics import frechet_distance, gaussian_frechet_distance, mmd_rbf, precision_recall, sliced_wasserstein
 from fewstep.metrics.sliced import wasserstein_1d
@@ -257,6 +258,25 @@ def test_digits_demo_writes_grids_and_table(tmp_path):
     assert "| dpmpp_2m |" in table and "NFE 5" in table and "NFE 10" in table
     for nfe in (5, 10):
         assert (tmp_path / f"digits_vp_dpmpp_2m_nfe{nfe}.png").stat().st_size > 500
+
+
+def test_shared_evaluations_are_exact_and_evaluate_each_input_once():
+    """The demo's cache: cells that repeat an input (same noise, same first time, same DDIM first step) reuse the
+    stored output; the samples are those of the plain model, bit for bit."""
+    from fewstep.digits_demo import SharedEvaluations
+
+    process = fewstep.DiscreteVP.linear()
+    exact = fewstep.ring2d().model(process, "eps")
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    shared = SharedEvaluations(exact)
+    for solver in ("ddim", "dpmpp_2m", "deis"):
+        x = fewstep.sample(shared, noise, process=process, solver=solver, steps=4, schedule="quadratic")
+        assert torch.equal(x, fewstep.sample(exact, noise, process=process, solver=solver, steps=4, schedule="quadratic"))
+    assert shared.calls == 15 and shared.hits >= 4  # the first evaluation (and the DDIM first step) of the later runs
+    out = shared(noise, torch.ones(16, dtype=torch.float64))
+    before = out.clone()
+    out.add_(1.0)  # a caller changing its copy does not change the stored output
+    assert torch.equal(shared(noise, torch.ones(16, dtype=torch.float64)), before)
 
 
 def test_eval_command_rejects_unknown_solver_and_model(tmp_path):

@@ -26,6 +26,7 @@ console = Console()
 DEMO_SOLVERS = ("ddim", "euler", "heun", "dpmpp_2m", "deis", "ipndm")
 DIGITS_SOLVERS = ("ddim", "dpmpp_2m", "unipc", "deis", "ipndm")
 DEMO_NFES = (5, 10, 20)
+DIGITS_NFES = (5, 10)  # the few-step budgets where the solvers differ; --full adds 20 (about 1 minute more)
 
 
 SEED = typer.Option(0, min=0, max=MAX_SEED, help=f"Random seed (0 to {MAX_SEED}).")
@@ -66,14 +67,17 @@ def demo_command(
     out: Path = typer.Option(Path("out/demo"), help="Folder for the figures and the tables."),
     samples: int = typer.Option(512, min=10, help="Samples per solver."),
     seed: int = SEED,
+    full: bool = typer.Option(False, "--full", help="Also sample the digits model at NFE 20 (about a minute more)."),
 ) -> None:
-    """The main job: the shipped digits model, then the exact mixture, sampled by several solvers at NFE 5/10/20."""
+    """The main job: the shipped digits model at NFE 5/10 (--full: also 20), then the exact mixture at NFE 5/10/20,
+    sampled by several solvers."""
     from .demo import gmm_demo
     from .digits_demo import digits_demo
 
     writable_dir(out, "--out")
+    digits_nfes = DEMO_NFES if full else DIGITS_NFES
     console.rule("1. shipped digits model (DiscreteVP, eps): Fréchet distance vs NFE, quadratic grid")
-    digits = digits_demo(out, nfes=DEMO_NFES, solvers=DIGITS_SOLVERS, n=samples, seed=seed, schedule="quadratic")
+    digits = digits_demo(out, nfes=digits_nfes, solvers=DIGITS_SOLVERS, n=samples, seed=seed, schedule="quadratic")
     atomic_write_text(out / "demo_digits.md", digits)
     console.print(digits)
     console.print(f"sample grids: {out}/digits_vp_<solver>_nfe<N>.png")
@@ -83,7 +87,8 @@ def demo_command(
 
 
 SOLVER_HELP = "Solver name (see `fewstep solvers`), or auto (with --nfe); default dpmpp_2m, or a student's own sampler."
-MODEL_HELP = "Sample this model instead: a shipped name or a checkpoint path (a student uses its stored times for --steps)."
+MODEL_HELP = ("Sample this model instead: a shipped name, a checkpoint path (a student uses its stored times for --steps) "
+              "or a local diffusers folder (a pipeline with a unet, or a UNet2DModel folder).")  # fmt: skip
 
 
 @app.command("sample")
@@ -98,8 +103,16 @@ def sample_command(
     n: int = typer.Option(1000, min=1, help="Number of samples."),
     seed: int = SEED,
     out: Path = typer.Option(Path("out/samples.npy"), help="Output .npy (array) or .png (2-D scatter or image grid)."),
+    batch_size: int = typer.Option(256, min=1, help="With --model: samples per batch (sample i is the same at any size)."),
+    shard_size: int = typer.Option(10_000, min=1, help="With --model and .npy: above this --n, write resumable shards "
+                                                       "x-00000.npy, ... and x-index.json."),  # fmt: skip
+    class_label: str = typer.Option(None, help="With a class-conditional --model: a label, or labels cycled over samples."),
+    guidance: float = typer.Option(None, help="With a class-conditional --model: classifier-free guidance scale."),
+    uncond_label: int = typer.Option(None, help="With --guidance: the label the model was trained on as 'no class'."),
+    scheduler_config: Path = typer.Option(None, help="With a diffusers model folder: its scheduler_config.json (or folder)."),
 ) -> None:
-    """Sample the exact model of a Gaussian-mixture problem (or a trained / distilled model) and save the samples."""
+    """Sample the exact model of a Gaussian-mixture problem (or a trained / distilled / diffusers model) and save the
+    samples."""
     import numpy as np
     import torch
 
@@ -107,8 +120,16 @@ def sample_command(
     from .sampling import sample
 
     if model is not None:
-        _sample_model(model, solver, steps, nfe, schedule, n, seed, out)
+        from .sample_model import ModelRequest, sample_model
+
+        sample_model(ModelRequest(model, solver, steps, nfe, schedule, n, seed, out, batch_size, shard_size, class_label,
+                                  uncond_label, guidance, scheduler_config), console)  # fmt: skip
         return
+    given = {"--class-label": class_label, "--guidance": guidance, "--uncond-label": uncond_label,
+             "--scheduler-config": scheduler_config}  # fmt: skip
+    for option, value in given.items():
+        if value is not None:
+            raise typer.BadParameter(f"{option} goes with --model (a diffusers model folder)", param_hint=option)
     solver = solver or "dpmpp_2m"
     choice(solver, (*_solver_names(), "auto"), "--solver")
     if (solver == "auto") != (nfe is not None):
@@ -146,57 +167,6 @@ def sample_command(
             {f"{solver}, {steps} steps (NFE {x.nfe})": x, "exact": mixture.sample(n, torch.Generator().manual_seed(seed))}, out
         )
     console.print(f"{n} samples, NFE {x.nfe}, wrote {out}")
-
-
-def _sample_model(
-    name: str, solver: str | None, steps: int, nfe: int | None, schedule: str | None, n: int, seed: int, out: Path
-) -> None:
-    """`fewstep sample --model`: a shipped model or checkpoint; a student's stored times unless --schedule is given.
-
-    Image samples are clipped to [-1, 1] (the data range of the image sets); .png writes a grid or a scatter plot.
-    """
-    import numpy as np
-    import torch
-
-    from .distill.student import student_plan
-    from .io import atomic_write
-    from .sampling import sample
-    from .shipped import load_model
-    from .train.plots import save_samples
-
-    if solver is not None:
-        choice(solver, _solver_names(), "--solver")
-    if nfe is not None:
-        raise typer.BadParameter("--nfe goes with --solver auto (exact problems only); give --steps", param_hint="--nfe")
-    if schedule is not None:
-        choice(schedule, SCHEDULES, "--schedule")
-    if out.suffix not in (".npy", ".png"):
-        raise typer.BadParameter(f"output must end in .npy or .png, got {out.name}", param_hint="--out")
-    writable_file(out, "--out")
-    with usage_errors("--model"):
-        loaded = load_model(name)
-        shape = _sample_shape(loaded)
-    with usage_errors(options={"steps": "--steps", "schedule": "--schedule", "solver": "--solver"}):
-        plan = student_plan(loaded.meta, steps, schedule, solver)
-        g = torch.Generator().manual_seed(seed)
-        noise = torch.randn((n, *shape), generator=g)
-        kwargs = dict(process=loaded.process, prediction=loaded.prediction, generator=g, progress=True, **plan)
-        with torch.no_grad():
-            x = sample(loaded.model, noise, **kwargs)
-    nfe_used = x.nfe
-    if x.ndim == 4:
-        x = x.clamp(-1, 1)
-    if out.suffix == ".npy":
-
-        def save(tmp: Path) -> None:
-            with tmp.open("wb") as f:  # a file object: np.save would append ".npy" to a name
-                np.save(f, x.numpy())
-
-        atomic_write(out, save)
-    else:
-        with usage_errors("--out"):
-            save_samples(x[:256], out, f"{name}: {plan['solver']}, {steps} steps (NFE {nfe_used})")
-    console.print(f"{n} samples of {name}, {plan['solver']} {steps} steps, NFE {nfe_used}, wrote {out}")
 
 
 @bench_app.command("accuracy")
@@ -400,9 +370,10 @@ from .evaluate import eval_command  # noqa: E402
 
 app.command("eval")(eval_command)
 
-from .distill.cli import distill_command  # noqa: E402
+from .distill.cli import bench_distill_command, distill_command  # noqa: E402
 
 app.command("distill")(distill_command)
+bench_app.command("distill")(bench_distill_command)
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ FD: Fréchet distance in the features of the digits classifier (Heusel et al., N
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,31 @@ def save_grid(samples: torch.Tensor, path: Path, scale: int = 4) -> None:
     atomic_write(path, lambda tmp: plt.imsave(tmp, image, cmap="gray", vmin=0, vmax=1, format="png"))
 
 
+class SharedEvaluations:
+    """`model(x, t)` that evaluates each distinct input once: the cells of the demo start from the same noise on
+    grids that share their first time, and several solvers' first steps coincide (all take a DDIM step first), so
+    identical inputs recur (about 1 evaluation in 7-8). Exact: a repeated input (same bytes of x and t) returns a copy of
+    the stored output. Shapes: x [batch, ...], t [batch]."""
+
+    def __init__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.model, self.outputs = model, {}
+        self.calls = self.hits = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        key = _digest(x) + _digest(t) + str(tuple(x.shape))
+        self.calls += 1
+        if key in self.outputs:
+            self.hits += 1
+            return self.outputs[key].clone()
+        out = self.model(x, t)
+        self.outputs[key] = out.detach().clone()
+        return out
+
+
+def _digest(x: torch.Tensor) -> str:
+    return hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest() + str(x.dtype)
+
+
 def digits_demo(
     out_dir: str | Path,
     nfes: Sequence[int] = (5, 10, 20),
@@ -52,7 +78,8 @@ def digits_demo(
 ) -> str:
     """Sample the shipped digits model `model` with each solver at each NFE budget from the same noise; write
     `<out_dir>/<model>_<solver>_nfe<NFE>.png` (the first 64 samples) and return the FD table (markdown).
-    schedule: the time grid (None: the process's default, log-SNR for digits_vp). About 20 s on one CPU core."""
+    schedule: the time grid (None: the process's default, log-SNR for digits_vp). Identical network inputs are
+    evaluated once (`SharedEvaluations`). About 15 s on one CPU core for 5 solvers at NFE 5/10 with n = 512."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
@@ -65,7 +92,8 @@ def digits_demo(
         bar.update(1)
 
     with bar:
-        rows = evaluate_digits(loaded.model, process=loaded.process, prediction=loaded.prediction, solvers=solvers,
+        shared = SharedEvaluations(loaded.model)
+        rows = evaluate_digits(shared, process=loaded.process, prediction=loaded.prediction, solvers=solvers,
                                nfes=nfes, n=n, seed=seed, schedule=schedule, on_cell=write_grid)  # fmt: skip
     note = (
         f"FD of {n} samples of `{model}` against the 1,797 real digits (digits-classifier features; lower is better;"

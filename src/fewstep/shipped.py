@@ -17,6 +17,7 @@ from pathlib import Path
 
 SHIPPED_MODELS = ("digits_vp", "digits_flow", "digits_cosine_v")
 ASSETS = Path(__file__).parent / "assets"
+STUDENT_KEYS = ("student_times", "student_sampler")  # the extra keys of a distilled student that export keeps
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
@@ -38,15 +39,19 @@ def load_model(name_or_path: str | Path):
 
 def export(checkpoint: str | Path, name: str, out_dir: Path = ASSETS, train_seconds: float | None = None) -> Path:
     """Write the EMA weights and config of a training checkpoint as `<out_dir>/<name>.json` + weights (no optimizer
-    state, no loss history); returns the JSON path."""
+    state, no loss history); returns the JSON path. A distilled student keeps its sampling times and sampler
+    (extra["student_times"], extra["student_sampler"]); train_seconds defaults to the checkpoint's own record."""
     from .io import check_file_name
     from .train.checkpoint import save_checkpoint
 
     check_file_name(name, "NAME (the shipped model's name)")  # "../x" or "/x" would write outside out_dir
     loaded = load_model(checkpoint)
     extra = {"source": str(checkpoint), "train_steps": loaded.step}
-    if train_seconds is not None:
-        extra["train_seconds"] = float(train_seconds)
+    source = loaded.meta.get("extra") or {}
+    extra.update({k: source[k] for k in STUDENT_KEYS if k in source})  # a student keeps its sampling times
+    seconds = train_seconds if train_seconds is not None else source.get("train_seconds")
+    if seconds is not None:
+        extra["train_seconds"] = float(seconds)
     return save_checkpoint(Path(out_dir) / name, model=loaded.model, config=loaded.config, step=loaded.step, extra=extra)
 
 

@@ -113,3 +113,50 @@ def _toml(value: Any) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value)
+
+
+def bench_distill_command(
+    students: Annotated[str, typer.Option(help="Comma-separated students: shipped names or checkpoint paths, each "
+                                               "optionally LABEL=PATH.")],  # fmt: skip
+    teacher: Annotated[str, typer.Option(help="The teacher: a shipped model name or a checkpoint path.")] = "digits_flow",
+    steps: Annotated[str, typer.Option(help="Comma-separated student step counts (= NFE).")] = "1,2,4",
+    n: Annotated[int, typer.Option(min=2, max=100_000, help="Samples (>= 1000 for reportable FD).")] = 1000,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the report noise.")] = 2,
+    reference_nfe: Annotated[int, typer.Option(min=2, max=10_000, help="NFE of the teacher's reference.")] = 50,
+    out: Annotated[Path, typer.Option(help="Folder for distill.md.")] = Path("out/bench"),
+) -> None:
+    """FD of students at 1/2/4 steps beside the teacher at 50 NFE and its best training-free sampler at equal NFE."""
+    import time
+
+    import torch
+
+    from ..bench_learned import digits_fd
+    from ..cli import _sample_shape, console
+    from ..io import atomic_write_text
+    from ..shipped import load_model
+    from ..train.cli import parse_ints
+    from .bench import bench_distill, markdown
+
+    counts = parse_ints(steps, "--steps")
+    specs = [s.strip() for s in students.split(",") if s.strip()]
+    if not specs:
+        raise typer.BadParameter("give at least one student", param_hint="--students")
+    writable_dir(out, "--out")
+    start = time.perf_counter()
+    with usage_errors("--teacher"):
+        loaded_teacher = load_model(teacher)
+        shape = _sample_shape(loaded_teacher)
+    loaded = []
+    for spec in specs:
+        label, _, path = spec.rpartition("=")
+        with usage_errors("--students"):
+            loaded.append((label or path, load_model(path)))
+    noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+    with usage_errors(options={"steps": "--steps", "nfe": "--steps"}):
+        result = bench_distill(loaded, (teacher, loaded_teacher), noise, digits_fd(), steps=counts, seed=seed,
+                               reference_nfe=reference_nfe, log=console.print)  # fmt: skip
+    command = f"fewstep bench distill --students {students} --teacher {teacher} --steps {steps} --n {n} --seed {seed}"
+    text = markdown(result) + f"\n`{command}`: {time.perf_counter() - start:.0f} s\n"
+    atomic_write_text(out / "distill.md", text)
+    console.print(text)
+    console.print(f"wrote {out / 'distill.md'}")

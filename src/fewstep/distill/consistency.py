@@ -23,6 +23,7 @@ from ..processes import Process
 from ..train.checkpoint import load_state, section
 from ..train.config import ConfigError, TrainConfig
 from ..train.objective import Objective
+from .clock import TrainClock
 from .options import HUBER_SCALE, ConsistencyOptions, parse_table
 from .schedules import draw_continuous, draw_discrete, ect_gap, ict_intervals, karras_sigmas, scaled_sigma, time_of
 from .student import consistency_config, consistency_times, initialise_from_teacher, inner_config, student_record
@@ -96,6 +97,7 @@ class ConsistencyObjective(Objective):
         self.student: nn.Module | None = None
         self.target: nn.Module | None = None
         self.teacher_fn = None
+        self.clock = TrainClock()
 
     # Model -----------------------------------------------------------------------------------------------------
 
@@ -160,9 +162,13 @@ class ConsistencyObjective(Objective):
             d = pseudo_huber_distance(online, target, self.huber_c)
         return d * weight.to(d)
 
+    def begin_step(self, trainer: Trainer) -> None:
+        self.clock.tick()
+
     @torch.no_grad()
     def after_step(self, trainer: Trainer) -> None:
         """target <- mu target + (1 - mu) student (parameters; buffers copied)."""
+        self.clock.tick()
         if self.target is None:
             return
         mu = self.options.target_decay
@@ -177,15 +183,16 @@ class ConsistencyObjective(Objective):
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if self.target is None:
-            return {}, {}
-        return {f"target.{k}": v for k, v in self.target.state_dict().items()}, {}
+            return {}, self.clock.state()
+        return {f"target.{k}": v for k, v in self.target.state_dict().items()}, self.clock.state()
 
     def load_state(self, tensors: dict[str, torch.Tensor], values: dict[str, Any], where: str) -> None:
+        self.clock.load(values, where)
         if self.target is not None:
             load_state(self.target, section(tensors, "target"), f"target network in {where}")
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        return student_record(self.times, self.options.gamma)
+        return {**student_record(self.times, self.options.gamma), **self.clock.extra()}
 
     def sampling(self, config: TrainConfig) -> dict[str, Any]:
         n = min(self.times)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +26,7 @@ from ..processes import Process
 from ..train.checkpoint import CheckpointError, load_state, section
 from ..train.config import ConfigError, TrainConfig
 from ..train.objective import Objective
+from .clock import TrainClock
 from .consistency import resolve_teacher
 from .options import ProgressiveOptions, parse_table
 from .student import grid_times, initialise_from_teacher, inner_config, student_record
@@ -63,6 +65,7 @@ class ProgressiveObjective(Objective):
         self.round = 0
         self.round_teacher: nn.Module | None = None
         self.student: nn.Module | None = None
+        self.clock = TrainClock()
 
     def model_config(self, config: TrainConfig, data_shape: tuple[int, ...]) -> dict[str, Any]:
         return inner_config(config, self.teacher, data_shape)
@@ -83,11 +86,21 @@ class ProgressiveObjective(Objective):
         return self.rounds[self.round]
 
     def begin_step(self, trainer: Trainer) -> None:
+        self.clock.tick()
         while self.round < self.round_at(trainer.step):
             self._next_round(trainer)
 
+    def after_step(self, trainer: Trainer) -> None:
+        self.clock.tick()
+
+    def round_checkpoint(self, out_dir: Path, steps: int) -> Path:
+        """Where the student of the round with `steps` steps is kept when the round ends."""
+        return Path(out_dir) / f"student-{steps}steps.json"
+
     def _next_round(self, trainer: Trainer) -> None:
-        """The student becomes the frozen teacher; its EMA restarts from it."""
+        """Keep the round's student (`round_checkpoint`, its EMA the student), then it becomes the frozen teacher and
+        its EMA restarts from it."""
+        trainer.save(self.round_checkpoint(trainer.out_dir, self.student_steps))
         self.round += 1
         self.round_teacher = self._frozen_copy(trainer.model)
         trainer.ema.module.load_state_dict(trainer.model.state_dict())
@@ -126,7 +139,7 @@ class ProgressiveObjective(Objective):
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {} if self.round_teacher is None else {f"teacher.{k}": v for k, v in self.round_teacher.state_dict().items()}
-        return tensors, {"round": self.round}
+        return tensors, {"round": self.round, **self.clock.state()}
 
     def load_state(self, tensors: dict[str, torch.Tensor], values: dict[str, Any], where: str) -> None:
         round_ = values.get("round", 0)
@@ -134,6 +147,7 @@ class ProgressiveObjective(Objective):
             raise CheckpointError(
                 f"{where}: key 'extra.objective.round' must be a round in [0, {len(self.rounds) - 1}], got {round_!r}"
             )
+        self.clock.load(values, where)
         self.round = round_
         self.round_teacher = None
         if round_ > 0:
@@ -142,7 +156,8 @@ class ProgressiveObjective(Objective):
 
     def checkpoint_extra(self) -> dict[str, Any]:
         n = self.student_steps
-        return {**student_record({n: grid_times(self.process, n, self.grid)}, 0.0), "pd_round": self.round}
+        record = student_record({n: grid_times(self.process, n, self.grid)}, 0.0)
+        return {**record, "pd_round": self.round, **self.clock.extra()}
 
     def sampling(self, config: TrainConfig) -> dict[str, Any]:
         n = self.student_steps

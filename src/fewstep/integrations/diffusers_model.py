@@ -17,6 +17,7 @@ import torch
 
 from ..guidance import GuidedModel
 from ..processes import Process
+from ..tuning import model_key
 from .conventions import Convention, convention
 
 
@@ -40,6 +41,13 @@ class DiffusersModel:
     @property
     def prediction(self) -> str:
         return self.convention.prediction
+
+    @property
+    def tuning_key(self) -> str:
+        """The key `fewstep.tune` / `solver="auto"` match tunings by: the SHA-256 of the network's weights (cached)."""
+        if not isinstance(self.net, torch.nn.Module):
+            raise AttributeError("tuning_key: the network is not a torch module; pass model_key= to fewstep.tune")
+        return model_key(self.net)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         _check_conditioning(self.net, x, kwargs)

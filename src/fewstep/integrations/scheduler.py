@@ -8,11 +8,13 @@ pipeline's loop runs exactly fewstep's solver, grid and final-step policy, so it
 the same model and grid (multistep, singlestep/Runge-Kutta with their intermediate times exposed as timesteps, and
 stochastic solvers drawing from the `generator` given to `step`). Every `set_timesteps` starts a new run (no state
 survives). The model conventions (betas, prediction type, flow shift, clipping) come from the pipeline's scheduler
-config (`conventions`).
+config (`conventions`). With `solver="auto"` the solver, steps and grid of each run are `fewstep.tuning.choose`'s
+for the NFE budget `num_inference_steps` (a `fewstep tune` result given as `tuning=`, else `fewstep.recommended`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,7 @@ from ..parameterization import Coefficients, to_x0_eps
 from ..processes import Process
 from ..sampling import sample as fewstep_sample
 from ..solvers import get_solver
+from ..tuning import Tuning, choose, model_key
 from .conventions import MODEL_KEYS, Convention, as_mapping, canonical_config, convention, spacing_timesteps
 from .flow import FlowShift, shift_time
 from .handoff import Ask, Done, EvaluationPlan, SolverThread, evaluation_plan
@@ -38,6 +41,7 @@ UNSUPPORTED = {
     "time_shift": "it evaluates each sample at its own time, and a diffusers pipeline passes one timestep per batch",
 }
 BUDGETS = ("steps", "nfe")
+AUTO = "auto"  # solver: the tuned configuration per NFE budget (fewstep.tuning.choose)
 PIPELINE_SPACING = "diffusers"  # schedule name: the config's timestep_spacing (DiscreteVP) / the shifted grid (flow)
 TIMESTEP_TOLERANCE = 1e-5  # relative: a timestep passed to step() must match the expected one this closely
 
@@ -85,10 +89,23 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     DDPM betas, time-uniform for zero terminal SNR, the shifted time-uniform grid for flows; "diffusers": the config's
     `timestep_spacing`), `rho` (of "karras"/"polyexponential"), `denoise_to_zero` (end on the data prediction at the
     last time: one more evaluation) and `budget` ("steps": num_inference_steps = solver steps, as diffusers; "nfe":
-    num_inference_steps = network evaluations). `order` is the number of network evaluations per step.
+    num_inference_steps = network evaluations; default "steps", "nfe" for solver="auto"). `order` is the number of
+    network evaluations per step.
+
+    `solver="auto"`: each `set_timesteps(n)` runs what `fewstep.sample(..., solver="auto", nfe=n, tuning=tuning)`
+    runs (`fewstep.tuning.choose`): the entry at NFE n of `tuning` (a `fewstep.tuning.Tuning` or its JSON file, made
+    by `fewstep.tune.tune` on `fewstep.from_diffusers(net, config)`), else the fallback `fewstep.recommended(n,
+    process)` (which may end the grid early, at log-SNR 2 for NFE 4-5, and then denoise from there); `self.choice`
+    records which (the dict of `x.choice`). The scheduler never sees the network, so the tuning's model key is
+    checked only when `model=` is given (the UNet/transformer, hashed as `fewstep.tune.tune` hashes it, or the key
+    string); the process and prediction are always checked (a mismatch raises `fewstep.tuning.TuningError`).
+    `tuning` and `model` are not part of the saved config: pass them again to `from_pretrained`/`from_config`.
+    schedule, rho, solver_options and denoise_to_zero belong to the chosen plan and are not taken; explicit
+    `timesteps`/`sigmas` are refused.
     """
 
     order = 1
+    ignore_for_config = ["tuning", "model"]
 
     @register_to_config
     def __init__(
@@ -120,24 +137,29 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         rho: float | None = None,
         solver_options: dict[str, Any] | None = None,
         denoise_to_zero: bool = True,
-        budget: str = "steps",
+        budget: str | None = None,
+        tuning: Tuning | str | os.PathLike | None = None,
+        model: Any = None,
     ):
-        model = {key: getattr(self.config, key) for key in MODEL_KEYS}
+        model_config = {key: getattr(self.config, key) for key in MODEL_KEYS}
         # A dynamic-shift flow gets its shift from set_timesteps(mu=...); shift 1 validates the rest meanwhile.
-        self._convention = convention(model, shift=1.0 if use_dynamic_shifting else None)
-        spec = get_solver(solver)
-        if solver in UNSUPPORTED:
-            raise ValueError(f"solver={solver!r} cannot run as a diffusers scheduler: {UNSUPPORTED[solver]}")
+        self._convention = convention(model_config, shift=1.0 if use_dynamic_shifting else None)
         if solver_options is not None and not isinstance(solver_options, Mapping):
             raise ValueError(f"solver_options must be a dict of options of solver {solver!r}, got {solver_options!r}")
-        self._options = dict(solver_options or {})
-        spec.check_options(self._options)
+        self._solver, self._options = solver, dict(solver_options or {})
+        if solver == AUTO:
+            _check_auto(schedule, rho, self._options, budget)
+        else:
+            _check_solver(solver, self._options)
         self._schedule = _check_schedule(schedule, rho)
         if not isinstance(denoise_to_zero, bool):
             raise ValueError(f"denoise_to_zero must be True or False, got denoise_to_zero={denoise_to_zero!r}")
-        if budget not in BUDGETS:
+        if budget is not None and budget not in BUDGETS:
             raise ValueError(f"budget={budget!r} is not known; allowed values: {', '.join(BUDGETS)}")
-        self._stochastic = spec.stochastic
+        self._budget = budget or ("nfe" if solver == AUTO else "steps")
+        self._stochastic = solver != AUTO and get_solver(solver).stochastic
+        self.choice: dict[str, Any] | None = None
+        self.set_tuning(tuning, model)
         self._reset()
         self.timesteps: torch.Tensor | None = None
         self.sigmas: torch.Tensor | None = None
@@ -150,19 +172,41 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any):
         """A FewstepScheduler for the model of any diffusers scheduler config (see `conventions.canonical_config`);
-        kwargs set the sampler (solver, schedule, rho, solver_options, denoise_to_zero, budget) or override keys."""
+        kwargs set the sampler (solver, schedule, rho, solver_options, denoise_to_zero, budget; tuning and model with
+        solver="auto") or override keys."""
         allowed = set(cls._get_init_keys(cls)) - {"self"}
         unknown = sorted(set(kwargs) - allowed - {"dtype"})
         if unknown:
             names = ", ".join(sorted(allowed))
             raise ValueError(f"FewstepScheduler.from_config does not take {', '.join(unknown)}; allowed: {names}")
+        tuning, net = kwargs.pop("tuning", None), kwargs.pop("model", None)  # not config keys (ignore_for_config)
         config = as_mapping({} if config is None else config, "config")
         model = canonical_config(config)
         if "_class_name" not in config:  # keys of an unnamed class can be neither kept for it nor used: drop them
             config = {key: value for key, value in config.items() if key in allowed or key.startswith("_")}
         merged = {**config, **model}
         merged.pop("_use_default_values", None)  # every key describes the model, default or not
-        return super().from_config(merged, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        made = super().from_config(merged, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        scheduler = made[0] if isinstance(made, tuple) else made
+        if tuning is not None or net is not None:
+            scheduler.set_tuning(tuning, net)
+        return made
+
+    def set_tuning(self, tuning: Tuning | str | os.PathLike | None, model: Any = None) -> None:
+        """Use `tuning` (a `fewstep.tuning.Tuning` or its JSON file; solver="auto" only) from the next `set_timesteps`
+        on; `model` (the UNet/transformer, a fewstep model with a `tuning_key`, or the key string) lets its model key
+        be checked. Raises `fewstep.tuning.TuningError` for a tuning of another model, process or prediction (a
+        dynamic-shift flow's process is known, and checked, at `set_timesteps(mu=...)`)."""
+        if (tuning is not None or model is not None) and self.config.solver != AUTO:
+            raise ValueError(f"tuning and model are used only with solver='auto', not solver={self.config.solver!r}")
+        if tuning is not None and not isinstance(tuning, Tuning):
+            if not isinstance(tuning, (str, os.PathLike)):
+                raise TypeError(f"tuning must be a fewstep Tuning or the path of its JSON file, got {type(tuning).__name__}")
+            tuning = Tuning.load(tuning)
+        self._tuning, self._keyed, self._model_checked = tuning, _keyed(model, tuning), model is not None
+        if tuning is not None and not self.config.use_dynamic_shifting:
+            conv = self._convention
+            tuning.check(model_key(self._keyed), conv.process, conv.prediction)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -203,7 +247,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         starts = self._plan.step_starts
         if begin_index not in starts:
             raise ValueError(
-                f"begin_index={begin_index!r} is not the first evaluation of a step of solver {self.config.solver!r}; "
+                f"begin_index={begin_index!r} is not the first evaluation of a step of solver {self._solver!r}; "
                 f"allowed values: {', '.join(map(str, starts))}"
             )
         j = starts.index(begin_index)
@@ -211,7 +255,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             sub = self._plan_for(self._grid[j:])
             if sub.times != self._plan.times[begin_index:]:
                 raise ValueError(
-                    f"solver {self.config.solver!r} evaluates at other times when it starts at step {j} than the full run "
+                    f"solver {self._solver!r} evaluates at other times when it starts at step {j} than the full run "
                     "does from there, so the pipeline's timesteps[begin_index:] would be wrong; use a multistep solver "
                     "(e.g. dpmpp_2m, unipc, deis) for img2img"
                 )
@@ -236,15 +280,23 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         sigmas: list[float] | torch.Tensor | None = None,
         mu: float | None = None,
     ) -> None:
-        """Plan a new run (all earlier state is dropped): `num_inference_steps` solver steps (or NFE, budget="nfe")
-        on the configured grid, or the grid given as `timesteps` (model timesteps) or `sigmas` (DDPM models:
+        """Plan a new run (all earlier state is dropped): `num_inference_steps` solver steps (or NFE, budget="nfe";
+        solver="auto": the NFE of the chosen plan, recorded in `self.choice`) on the configured grid, or the grid
+        given as `timesteps` (model timesteps) or `sigmas` (DDPM models:
         k-diffusion's sigma/alpha, a final 0 dropped; flows: unshifted sigmas, as FlowMatchEulerDiscreteScheduler takes
         them), decreasing; the run ends with the data prediction at the last one (denoise_to_zero), so n given
         values cost n evaluations with a one-evaluation-per-step solver, as in diffusers. `mu`: the dynamic shift of a
         flow (FLUX). `self.timesteps` then lists the model timestep of every network evaluation, in order."""
         self._reset()
         conv = self._convention_for(mu)
-        if timesteps is not None or sigmas is not None:
+        if self.config.solver == AUTO:
+            if timesteps is not None or sigmas is not None:
+                raise ValueError(
+                    "solver='auto' chooses its own grid for the NFE budget num_inference_steps; do not pass timesteps "
+                    "or sigmas (or choose a named solver to run on them)"
+                )
+            grid, denoise = self._auto_grid(conv, num_inference_steps)
+        elif timesteps is not None or sigmas is not None:
             grid, denoise = self._given_grid(conv, num_inference_steps, timesteps, sigmas), self.config.denoise_to_zero
         else:
             grid, denoise = self._planned_grid(conv, num_inference_steps)
@@ -262,13 +314,32 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = _pipeline_sigmas(conv, torch.cat([times, grid[-1:]]), ends_at_data)
         self.init_noise_sigma = float(process.sigma(float(grid[0])))
 
+    def _auto_grid(self, conv: Convention, num_inference_steps: int | None) -> tuple[torch.Tensor, bool]:
+        """solver="auto": the grid and final denoising of `choose`'s plan for NFE num_inference_steps; sets the run's
+        solver, options and `self.choice`."""
+        nfe = check_steps(num_inference_steps, "num_inference_steps")
+        if nfe < 2:
+            raise ValueError(f"num_inference_steps must be >= 2 with solver='auto' (it is the NFE budget), got {nfe}")
+        process = conv.process
+        kwargs, record = choose(self._keyed, process, conv.prediction, nfe, tuning=self._tuning)
+        plan = dict(kwargs)
+        solver, steps, schedule = plan.pop("solver"), plan.pop("steps"), plan.pop("schedule")
+        denoise = plan.pop("denoise_to_zero", True)
+        t_start, t_end = plan.pop("t_start", process.t_max), plan.pop("t_end", process.t_min)
+        _check_solver(solver, plan)
+        self._solver, self._options, self._stochastic = solver, plan, get_solver(solver).stochastic
+        if not self._model_checked and record["source"] == "tuned":
+            record["reason"] += " (model weights not checked: pass model=)"
+        self.choice = record
+        return time_grid(process, steps, t_start, t_end, schedule), denoise
+
     def _plan_for(self, grid: torch.Tensor) -> EvaluationPlan:
         conv = self._convention
-        plan = evaluation_plan(conv.process, conv.prediction, self.config.solver, grid, denoise_to_zero=self._denoise,
+        plan = evaluation_plan(conv.process, conv.prediction, self._solver, grid, denoise_to_zero=self._denoise,
                                options=self._options, x0_fn=conv.x0_fn)  # fmt: skip
         if not plan.starts_at_state:
             raise ValueError(
-                f"solver {self.config.solver!r} with solver_options={self._options} changes the state before its first "
+                f"solver {self._solver!r} with solver_options={self._options} changes the state before its first "
                 "evaluation (noise churn at the start), which a pipeline cannot feed to the network; change the options"
             )
         return plan
@@ -276,8 +347,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _planned_grid(self, conv: Convention, num_inference_steps: int | None) -> tuple[torch.Tensor, bool]:
         n = check_steps(num_inference_steps, "num_inference_steps")
         process, denoise = conv.process, self.config.denoise_to_zero
-        if self.config.budget == "nfe":
-            steps, denoise = plan_for_nfe(self.config.solver, n, process, **self._options)
+        if self._budget == "nfe":
+            steps, denoise = plan_for_nfe(self._solver, n, process, **self._options)
         else:
             steps = n
         schedule = self._schedule
@@ -430,7 +501,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         conv, plan = self._convention, self._plan
         grid = self._grid[plan.step_starts.index(k) :]
         noise = sample.detach().to(_internal_dtype(sample.dtype)) / float(conv.process.sigma(float(grid[0])))
-        options, denoise, solver = self._options, self._denoise, self.config.solver
+        options, denoise, solver = self._options, self._denoise, self._solver
         source = self._generator if self._stochastic else None
 
         def solve(model):
@@ -464,6 +535,41 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def scale_noise(self, sample: torch.Tensor, timestep: Any, noise: torch.Tensor) -> torch.Tensor:
         """FlowMatch schedulers' name for `add_noise` (with its argument order): (1 - sigma) sample + sigma noise."""
         return self.add_noise(sample, noise, timestep)
+
+
+class _Key:
+    """A model known only by its tuning key (what `fewstep.tuning.model_key` reads)."""
+
+    def __init__(self, key: str):
+        self.tuning_key = key
+
+
+def _keyed(model: Any, tuning: Tuning | None) -> Any:
+    """What `choose` checks a tuning against: the model (a module or a `tuning_key` model), a key string, or (model
+    None) the tuning's own key, so that only its process and prediction are checked."""
+    if isinstance(model, str):
+        return _Key(model)
+    if model is None:
+        return _Key(tuning.model) if tuning is not None else None
+    model_key(model)  # a TuningError now for a model that has no key
+    return model
+
+
+def _check_solver(solver: str, options: dict[str, Any]) -> None:
+    """A solver that can run as a scheduler, with valid options (ValueError naming solver / the option)."""
+    spec = get_solver(solver)
+    if solver in UNSUPPORTED:
+        raise ValueError(f"solver={solver!r} cannot run as a diffusers scheduler: {UNSUPPORTED[solver]}")
+    spec.check_options(options)
+
+
+def _check_auto(schedule: Any, rho: Any, options: dict[str, Any], budget: str | None) -> None:
+    """solver="auto" chooses grid and options itself and counts num_inference_steps as NFE: refuse the rest."""
+    given = [name for name, value in (("schedule", schedule), ("rho", rho), ("solver_options", options)) if value]
+    if given:
+        raise ValueError(f"solver='auto' chooses the grid and the solver options itself; do not pass {', '.join(given)}")
+    if budget == "steps":
+        raise ValueError("solver='auto' plans for an NFE budget: budget must be 'nfe' (or left unset), not 'steps'")
 
 
 def _check_schedule(schedule: Any, rho: float | None) -> ScheduleLike:
