@@ -13,11 +13,11 @@ import torch
 
 import fewstep
 from fewstep.accuracy import rms_error
-from fewstep.bench_learned import digits_fd
 from fewstep.budget import plan_for_nfe
-from fewstep.cli import _sample_shape
 from fewstep.recommend import EARLY_END_NFES
+from fewstep.sample_model import sample_shape
 from fewstep.shipped import load_model
+from fewstep.tools.bench_learned import digits_fd
 
 NFES = (3, 4, 5, 6)
 ENDS = (None, 4.0, 3.0, 2.0, 1.5)
@@ -49,7 +49,7 @@ def main() -> None:
     for name in ("digits_vp", "digits_cosine_v", "digits_flow"):
         loaded = load_model(name)
         m, process, prediction = loaded.model, loaded.process, loaded.prediction
-        noise = torch.randn(128, *_sample_shape(loaded), generator=torch.Generator().manual_seed(2))
+        noise = torch.randn(128, *sample_shape(loaded), generator=torch.Generator().manual_seed(2))
         grid = "logsnr" if math.isfinite(float(process.log_snr(process.t_max))) else None
         with torch.no_grad():
             reference = fewstep.sample(m, noise, process=process, prediction=prediction, steps=200, schedule=grid)

@@ -13,7 +13,7 @@ import math
 import sys
 
 import fewstep
-from fewstep.bench import accuracy
+from fewstep.tools.bench import accuracy
 
 SOLVERS = ("ddim", "dpmpp_2m", "unipc", "deis", "ipndm", "dpmpp_3m")
 GRIDS = ("logsnr", "quadratic", "time_uniform", "karras")

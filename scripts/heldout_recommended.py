@@ -6,8 +6,8 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python scripts/heldout_recommended.py (prints m
 import torch
 
 import fewstep
-from fewstep import peers
 from fewstep.accuracy import rms_error
+from fewstep.tools import peers
 
 PROBLEMS = {
     "mixture_nd(dim=8, components=4, seed=7)": fewstep.mixture_nd(dim=8, components=4, seed=7),

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fewstep
-from fewstep import bench, peers
 from fewstep.accuracy import rms_error
+from fewstep.tools import bench, peers
 
 
 def test_accuracy_rows_match_a_direct_measurement():

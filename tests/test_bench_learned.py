@@ -10,11 +10,11 @@ import torch
 from typer.testing import CliRunner
 
 import fewstep
-from fewstep import bench_learned as bl
-from fewstep import peers
 from fewstep.accuracy import rms_error
 from fewstep.cli import app
 from fewstep.grids import Schedule
+from fewstep.tools import bench_learned as bl
+from fewstep.tools import peers
 from fewstep.tune import converged_reference
 from fewstep.tuning import TunedEntry, Tuning
 

@@ -243,7 +243,7 @@ def test_dotted_override_starts_from_the_default_table():
 
 @pytest.mark.parametrize("args", [["--epochs", "0"], ["--epochs", "x"], ["--seed", "-1"], ["--out", "file.txt/c.safetensors"]])
 def test_classifier_command_rejects_bad_arguments(in_tmp, args, capsys):
-    from fewstep.classifier import main
+    from fewstep.tools.classifier import main
 
     with pytest.raises(SystemExit) as caught:
         main(["train", "--out", "c.safetensors", *args])

@@ -12,9 +12,9 @@ import scipy.stats
 import torch
 
 import fewstep
-from fewstep.classifier import class_statistics, digits_split, features_and_logits
 from fewstep.metrics import frechet_distance, gaussian_frechet_distance, mmd_rbf, precision_recall, sliced_wasserstein
 from fewstep.metrics.sliced import wasserstein_1d
+from fewstep.tools.classifier import class_statistics, digits_split, features_and_logits
 
 # FD bounds of the shipped models: 500 samples from seed 0 at NFE 10. Measured: digits_vp with ddim 2.39 (the same
 # model after 500 of its 7000 training steps: 18.6); digits_flow with heun (9 evaluations) 2.14; digits_cosine_v
@@ -150,7 +150,7 @@ def test_precision_recall_identical_disjoint_and_half():
 
 
 def test_shipped_classifier_held_out_accuracy():
-    # Measured: 360/360 = 1.000 held-out accuracy (python -m fewstep.classifier train ..., 40 epochs, seed 0).
+    # Measured: 360/360 = 1.000 held-out accuracy (python -m fewstep.tools.classifier train ..., 40 epochs, seed 0).
     _, (x_test, y_test) = digits_split()
     stats = class_statistics(features_and_logits(x_test)[1], y_test)
     assert stats["accuracy"] >= 0.97
@@ -207,8 +207,8 @@ def test_steps_within_nfe_counts_heun_and_the_final_denoise():
 def _shipped_fd(name: str, solver: str, nfe: int, n: int = 500) -> float:
     from fewstep import sample
     from fewstep.budget import steps_within_nfe
-    from fewstep.evaluate import sample_metrics
     from fewstep.shipped import load_model
+    from fewstep.tools.evaluate import sample_metrics
 
     loaded = load_model(name)
     noise = torch.randn(n, 1, 8, 8, generator=_gen(0))
@@ -252,7 +252,7 @@ def test_eval_command_writes_its_table(tmp_path):
 
 
 def test_digits_demo_writes_grids_and_table(tmp_path):
-    from fewstep.digits_demo import digits_demo
+    from fewstep.tools.digits_demo import digits_demo
 
     table = digits_demo(tmp_path, nfes=(5, 10), solvers=("dpmpp_2m",), n=200)
     assert "| dpmpp_2m |" in table and "NFE 5" in table and "NFE 10" in table
@@ -263,7 +263,7 @@ def test_digits_demo_writes_grids_and_table(tmp_path):
 def test_shared_evaluations_are_exact_and_evaluate_each_input_once():
     """The demo's cache: cells that repeat an input (same noise, same first time, same DDIM first step) reuse the
     stored output; the samples are those of the plain model, bit for bit."""
-    from fewstep.digits_demo import SharedEvaluations
+    from fewstep.tools.digits_demo import SharedEvaluations
 
     process = fewstep.DiscreteVP.linear()
     exact = fewstep.ring2d().model(process, "eps")
@@ -294,7 +294,7 @@ def test_eval_command_rejects_unknown_solver_and_model(tmp_path):
 
 
 def test_tile_layout():
-    from fewstep.digits_demo import tile
+    from fewstep.tools.digits_demo import tile
 
     x = torch.stack([torch.full((1, 2, 2), -1.0), torch.full((1, 2, 2), 1.0), torch.zeros(1, 2, 2)])
     grid = tile(x, columns=2, gap=1, fill=0.5)

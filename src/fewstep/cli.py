@@ -71,8 +71,8 @@ def demo_command(
 ) -> None:
     """The main job: the shipped digits model at NFE 5/10 (--full: also 20), then the exact mixture at NFE 5/10/20,
     sampled by several solvers."""
-    from .demo import gmm_demo
-    from .digits_demo import digits_demo
+    from .tools.demo import gmm_demo
+    from .tools.digits_demo import digits_demo
 
     writable_dir(out, "--out")
     digits_nfes = DEMO_NFES if full else DIGITS_NFES
@@ -161,7 +161,7 @@ def sample_command(
 
         atomic_write(out, save)
     else:
-        from .demo import scatter_figure
+        from .tools.demo import scatter_figure
 
         scatter_figure(
             {f"{solver}, {steps} steps (NFE {x.nfe})": x, "exact": mixture.sample(n, torch.Generator().manual_seed(seed))}, out
@@ -188,7 +188,7 @@ def bench_accuracy_command(
     """
     import math
 
-    from . import bench
+    from .tools import bench
 
     problem_list = parse_names(problems, _problem_names(), "--problems", "problem")
     budget = parse_ints(nfes, "--nfes")
@@ -221,9 +221,9 @@ PEER_FEWSTEP_ENTRIES = (("dpmpp_2m", "logsnr"), ("unipc", "logsnr"), ("deis", "l
 
 
 def _bench_peers(problems: list[str], nfes: list[int], samples: int, search_iters: int, out: Path) -> None:
-    from . import bench, peers
     from .processes import DiscreteVP
     from .recommend import recommended
+    from .tools import bench, peers
 
     process = DiscreteVP.linear()
 
@@ -257,7 +257,7 @@ def bench_overhead_command(
     out: Path = typer.Option(Path("out/bench"), help="Folder for the markdown table."),
 ) -> None:
     """Per-step solver overhead with a zero-cost model, and the ratio to diffusers' DPMSolverMultistepScheduler."""
-    from . import bench
+    from .tools import bench
 
     names = parse_names(solvers, _solver_names(), "--solvers", "solver")
     shape = tuple(parse_ints(batch, "--batch"))
@@ -283,8 +283,8 @@ def bench_learned_command(
     import json
     import time
 
-    from . import bench_learned as bl
     from .shipped import SHIPPED_MODELS
+    from .tools import bench_learned as bl
 
     names = parse_names(models, SHIPPED_MODELS, "--models", "model") if models is not None else list(SHIPPED_MODELS)
     budget = parse_ints(nfes, "--nfes", minimum=2)
@@ -318,6 +318,7 @@ def tune_command(
                                         "out/tune/<name>.tuning.json for a shipped model)."),  # fmt: skip
 ) -> None:
     """Choose solver and grid per NFE budget on the model itself (fewstep.sample(..., solver="auto") uses the result)."""
+    from .sample_model import sample_shape
     from .shipped import SHIPPED_MODELS, load_model, resolve_model
     from .train.cli import parse_ints, usage_errors, writable_file
     from .tune import tune
@@ -330,7 +331,7 @@ def tune_command(
         out = Path("out/tune") / f"{model}.tuning.json" if model in SHIPPED_MODELS else tuning_path(resolve_model(model))
     writable_file(out, "--out")
     with usage_errors("MODEL"):
-        shape = _sample_shape(loaded)
+        shape = sample_shape(loaded)
     with usage_errors(options={"nfes": "--nfe", "nfe": "--nfe", "reference": "--reference-steps"}):
         tuning = tune(loaded.model, loaded.process, loaded.prediction, budgets, shape=shape, samples=samples, seed=seed,
                       search_iters=search_iters, reference_steps=reference_steps, name=str(model), log=console.print)  # fmt: skip
@@ -344,17 +345,6 @@ def tune_command(
     console.print(f"wrote {out}")
 
 
-def _sample_shape(loaded) -> tuple[int, ...]:
-    """One sample's shape for a loaded checkpoint: an MLP's dim, else the shape of its training data set."""
-    from .data import load_dataset
-
-    net = loaded.config["model"]["net"]
-    if net.get("type") == "mlp":
-        return (int(net["dim"]),)
-    train = loaded.config.get("train", {})
-    return tuple(load_dataset(train.get("data", "digits"), **train.get("data_options", {})).shape[1:])
-
-
 def _is_stochastic(name: str) -> bool:
     from .solvers import get_solver
 
@@ -366,7 +356,7 @@ from .train.cli import bench_train_command, train_command  # noqa: E402
 app.command("train")(train_command)
 bench_app.command("train")(bench_train_command)
 
-from .evaluate import eval_command  # noqa: E402
+from .tools.evaluate import eval_command  # noqa: E402
 
 app.command("eval")(eval_command)
 

@@ -158,14 +158,24 @@ def load_source(name: str, scheduler_config: Path | None) -> Source:
                   weights=loaded.model.net)  # fmt: skip
 
 
+def sample_shape(loaded) -> tuple[int, ...]:
+    """One sample's shape for a loaded checkpoint: an MLP's dim, else the shape of its training data set."""
+    from .data import load_dataset
+
+    net = loaded.config["model"]["net"]
+    if net.get("type") == "mlp":
+        return (int(net["dim"]),)
+    train = loaded.config.get("train", {})
+    return tuple(load_dataset(train.get("data", "digits"), **train.get("data_options", {})).shape[1:])
+
+
 def _checkpoint_source(name: str) -> Source:
     """A shipped model or a fewstep checkpoint (its sidecar's meta drives a student's stored times)."""
-    from .cli import _sample_shape
     from .shipped import load_model
 
     with usage_errors("--model"):
         loaded = load_model(name)
-        shape = _sample_shape(loaded)
+        shape = sample_shape(loaded)
     return Source(loaded.model, loaded.process, loaded.prediction, shape, meta=loaded.meta, weights=loaded.model)
 
 

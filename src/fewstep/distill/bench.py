@@ -1,7 +1,7 @@
 """`fewstep bench distill`: FD of few-step students beside their teacher at 50 NFE and its best training-free sampler.
 
 Issue 8, item 6. All samples come from the same report noise [n, ...] (standard normal of `seed`); the score is
-`fewstep.bench_learned.digits_fd()` (Fréchet distance in the digits classifier's features) or any `fd(samples) ->
+`fewstep.tools.bench_learned.digits_fd()` (Fréchet distance in the digits classifier's features) or any `fd(samples) ->
 float`. Per step count N (1, 2, 4 by default):
 
 - each student at N steps with its stored times and sampler (`fewstep.distill.sample_student`, N NFE; "-" where the

@@ -130,10 +130,11 @@ def bench_distill_command(
 
     import torch
 
-    from ..bench_learned import digits_fd
-    from ..cli import _sample_shape, console
+    from ..cli import console
     from ..io import atomic_write_text
+    from ..sample_model import sample_shape as _sample_shape
     from ..shipped import load_model
+    from ..tools.bench_learned import digits_fd
     from ..train.cli import parse_ints
     from .bench import bench_distill, markdown
 

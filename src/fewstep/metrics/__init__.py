@@ -1,6 +1,6 @@
 """Sample-quality metrics: Frechet distance, k-NN precision/recall, sliced Wasserstein distance, MMD.
 
-Feature-space metrics for the 8x8 digits use the small classifier in `fewstep.classifier`.
+Feature-space metrics for the 8x8 digits use the small classifier in `fewstep.tools.classifier`.
 """
 
 from .frechet import frechet_distance, gaussian_frechet_distance

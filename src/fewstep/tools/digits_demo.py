@@ -2,7 +2,7 @@
 write a sample grid per (solver, NFE) and return the FD-vs-NFE table.
 
 FD: Fréchet distance in the features of the digits classifier (Heusel et al., NeurIPS 2017, with
-`fewstep.classifier` in place of Inception). Samples [n, 1, 8, 8] in [-1, 1].
+`fewstep.tools.classifier` in place of Inception). Samples [n, 1, 8, 8] in [-1, 1].
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io import atomic_write
+from ..shipped import load_model
 from .evaluate import EvalRow, evaluate_digits, fd_table
-from .io import atomic_write
-from .shipped import load_model
 
 
 def tile(samples: torch.Tensor, columns: int = 8, gap: int = 1, fill: float = 0.2) -> np.ndarray:

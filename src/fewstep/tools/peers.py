@@ -28,16 +28,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .accuracy import rms_error
+from ..accuracy import rms_error
+from ..budget import plan_for_nfe
+from ..gmm import GaussianMixture, problem
+from ..grids import ScheduleLike
+from ..integrations.conventions import DIFFUSERS_PREDICTION
+from ..integrations.k_diffusion import k_sigma, kdiffusion_sampling, to_k_diffusion
+from ..parameterization import convert
+from ..processes import DiscreteVP, Process, RectifiedFlow
+from ..sampling import sample
 from .bench import AccuracyRow
-from .budget import plan_for_nfe
-from .gmm import GaussianMixture, problem
-from .grids import ScheduleLike
-from .integrations.conventions import DIFFUSERS_PREDICTION
-from .integrations.k_diffusion import k_sigma, kdiffusion_sampling, to_k_diffusion
-from .parameterization import convert
-from .processes import DiscreteVP, Process, RectifiedFlow
-from .sampling import sample
 
 
 @dataclass(frozen=True)
@@ -287,7 +287,7 @@ def peer_accuracy(
     """
     from tqdm.auto import tqdm
 
-    from .schedule_search import optimize_schedule
+    from ..schedule_search import optimize_schedule
 
     process = DiscreteVP.linear()
     peer_runs = peers()

@@ -1,7 +1,7 @@
 """Sample quality of a digits model over a solver x NFE grid, and the `fewstep eval` command.
 
 Fréchet distance in the features of the digits classifier (the FID recipe of Heusel et al., NeurIPS 2017, with
-`fewstep.classifier` in place of Inception), classifier confidence and class-histogram entropy (and accuracy for
+`fewstep.tools.classifier` in place of Inception), classifier confidence and class-histogram entropy (and accuracy for
 class-labelled samples), and k-NN precision/recall (Kynkaanniemi et al., NeurIPS 2019). Every (solver, NFE) cell
 starts from the same noise, so the cells differ only by the solver. Samples: [n, 1, 8, 8] in [-1, 1].
 """
@@ -19,19 +19,19 @@ from typing import Annotated
 import torch
 import typer
 
-from .budget import steps_within_nfe
+from ..budget import steps_within_nfe
+from ..data import digits
+from ..grids import SCHEDULES
+from ..io import atomic_write_text, save_figure
+from ..metrics import frechet_distance, precision_recall
+from ..parameterization import Model
+from ..processes import Process
+from ..sampling import sample
+from ..shipped import SHIPPED_MODELS, load_model
+from ..solvers import get_solver, solver_specs
+from ..train.cli import choice, parse_ints, parse_names, usage_errors, writable_dir
+from ..train.config import MAX_SEED
 from .classifier import class_statistics, features_and_logits
-from .data import digits
-from .grids import SCHEDULES
-from .io import atomic_write_text, save_figure
-from .metrics import frechet_distance, precision_recall
-from .parameterization import Model
-from .processes import Process
-from .sampling import sample
-from .shipped import SHIPPED_MODELS, load_model
-from .solvers import get_solver, solver_specs
-from .train.cli import choice, parse_ints, parse_names, usage_errors, writable_dir
-from .train.config import MAX_SEED
 
 DIGIT_SHAPE = (1, 8, 8)
 CHECKPOINT_HELP = f"a `fewstep train` checkpoint (.json) or a shipped model: {', '.join(SHIPPED_MODELS)}"

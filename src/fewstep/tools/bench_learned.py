@@ -9,7 +9,7 @@ the floor) of:
   `solver="auto"` falls back, and the cell says so);
 - the fallback default: `fewstep.sample(..., **fewstep.recommended(N, process))`;
 - every fixed fewstep configuration of `fewstep.tune.CANDIDATES` (solver x grid, at exactly N evaluations);
-- every diffusers scheduler and k-diffusion sampler the peer adapter (`fewstep.peers`) supports for the model,
+- every diffusers scheduler and k-diffusion sampler the peer adapter (`fewstep.tools.peers`) supports for the model,
   at exactly N evaluations.
 
 A configuration *diverges* at an NFE when its samples are not finite or its RMS error exceeds that of DDIM on the
@@ -29,14 +29,14 @@ from typing import Any
 
 import torch
 
-from .accuracy import rms_error
-from .budget import plan_for_nfe
-from .io import save_figure
-from .parameterization import ModelError, SolverError
-from .processes import Process
-from .recommend import recommended
-from .sampling import sample
-from .tune import CANDIDATES, converged_reference
+from ..accuracy import rms_error
+from ..budget import plan_for_nfe
+from ..io import save_figure
+from ..parameterization import ModelError, SolverError
+from ..processes import Process
+from ..recommend import recommended
+from ..sampling import sample
+from ..tune import CANDIDATES, converged_reference
 
 REFERENCE, TUNED, FALLBACK, FIXED, DIFFUSERS, KDIFFUSION = "reference", "tuned", "fallback", "fixed", "diffusers", "k-diffusion"
 CONVERGED_RTOL = 0.01  # fewstep tune's reference_rtol: a reference that changes more is flagged in the report
@@ -115,9 +115,9 @@ class LearnedResult:
 
 def digits_fd() -> Callable[[torch.Tensor], float]:
     """FD of digit samples [n, 1, 8, 8] (clamped to [-1, 1]) to the training digits in the classifier's features."""
+    from ..metrics import frechet_distance
     from .classifier import features_and_logits
     from .evaluate import reference_features
-    from .metrics import frechet_distance
 
     def fd(samples: torch.Tensor) -> float:
         feats, _ = features_and_logits(samples.float().clamp(-1, 1))
@@ -231,14 +231,14 @@ def bench_learned(
     log: Callable[[str], None] | None = None,
 ) -> list[LearnedResult]:
     """`bench_model` on shipped models (or checkpoints) by name, from standard normal noise of `seed`, with FD."""
-    from .cli import _sample_shape
-    from .shipped import load_model
+    from ..sample_model import sample_shape
+    from ..shipped import load_model
 
     fd = digits_fd()
     results = []
     for name in models:
         loaded = load_model(name)
-        shape = _sample_shape(loaded)
+        shape = sample_shape(loaded)
         noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
         results.append(bench_model(name, loaded.model, loaded.process, loaded.prediction, nfes, noise, fd=fd, peers=peers,
                                    seed=seed, log=log))  # fmt: skip

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from .accuracy import rms_error
-from .budget import plan_for_nfe
-from .gmm import ring2d
-from .io import atomic_write_text, save_figure
-from .processes import DiscreteVP
-from .sampling import sample
+from ..accuracy import rms_error
+from ..budget import plan_for_nfe
+from ..gmm import ring2d
+from ..io import atomic_write_text, save_figure
+from ..processes import DiscreteVP
+from ..sampling import sample
 
 
 def scatter_figure(panels: dict[str, torch.Tensor], path: Path, columns: int | None = None) -> None:

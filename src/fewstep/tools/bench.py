@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .accuracy import solver_error
-from .budget import plan_for_nfe
-from .gmm import problem
-from .io import save_figure
-from .processes import Process
-from .sampling import sample
+from ..accuracy import solver_error
+from ..budget import plan_for_nfe
+from ..gmm import problem
+from ..io import save_figure
+from ..processes import Process
+from ..sampling import sample
 
 
 @dataclass
@@ -150,7 +150,7 @@ def overhead(
     update included). diffusers, when installed: `set_timesteps` + the loop of `DPMSolverMultistepScheduler.step()`
     with the same batch, in the same process. Both divide the loop's wall time by the number of steps.
     """
-    from .processes import DiscreteVP
+    from ..processes import DiscreteVP
 
     process = DiscreteVP.linear()
     noise = torch.randn(batch_shape, device=device)

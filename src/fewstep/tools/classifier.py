@@ -3,7 +3,7 @@
 It plays the role Inception-v3 plays for FID (Heusel et al., NeurIPS 2017) on a dataset small enough to train on a
 CPU in a minute. Images are [n, 1, 8, 8] (or [n, 64], [n, 8, 8]) scaled to [-1, 1]; features are [n, 64];
 logits [n, 10]. The shipped weights live in `fewstep/assets/digits_classifier.safetensors` and were made with
-    python -m fewstep.classifier train --out src/fewstep/assets/digits_classifier.safetensors
+    python -m fewstep.tools.classifier train --out src/fewstep/assets/digits_classifier.safetensors
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from .io import atomic_write
+from ..io import atomic_write
 
 FEATURES = 64
 CLASSES = 10
@@ -103,7 +103,7 @@ def digits_split(test: int = 360, seed: int = 0) -> tuple[tuple[torch.Tensor, to
     fixed permutation; the last `test` digits of it are held out."""
     from sklearn.datasets import load_digits
 
-    from .data import digits
+    from ..data import digits
 
     x = digits()  # the training data of the digits models
     y = torch.as_tensor(load_digits().target, dtype=torch.long)
@@ -162,7 +162,7 @@ def _int_in(lo: int, hi: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fewstep.classifier", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fewstep.tools.classifier", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the digits classifier and save its weights")
     train.add_argument("--out", type=Path, required=True, help="output .safetensors file")
