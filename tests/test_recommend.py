@@ -80,3 +80,22 @@ def test_few_step_vp_grids_end_at_log_snr_2_and_beat_ending_at_t_min(process):
         assert "t_end" not in fewstep.recommended(nfe, process)
     assert fewstep.recommended(4, process, t_end=0.01)["t_end"] == 0.01
     assert "t_end" not in fewstep.recommended(4, fewstep.RectifiedFlow())
+
+
+@pytest.mark.parametrize("nfe", [20, 30])
+def test_vp_gets_the_quadratic_grid_from_20_evaluations(nfe):
+    """From NFE 20 a VP process gets iPNDM on the quadratic grid, better than the log-SNR grid on held-out mixtures;
+    EDM keeps the log-SNR grid (the quadratic grid in sigma is far worse there)."""
+    from fewstep.recommend import QUADRATIC_FROM_NFE
+
+    process = fewstep.DiscreteVP.linear()
+    noise = torch.randn(128, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for seed in (8, 9):
+        mixture = fewstep.mixture_nd(dim=8, components=4, seed=seed)
+        reference, model = mixture.flow_map(noise, process), mixture.model(process)
+        kwargs = fewstep.recommended(nfe, process)
+        assert kwargs["schedule"] == "quadratic" and nfe >= QUADRATIC_FROM_NFE
+        ours = rms_error(fewstep.sample(model, noise, process=process, **kwargs), reference)
+        assert ours < 0.8 * rms_error(fewstep.sample(model, noise, process=process, **dict(kwargs, schedule="logsnr")), reference)
+    assert fewstep.recommended(QUADRATIC_FROM_NFE - 1, process)["schedule"] == "logsnr"
+    assert fewstep.recommended(nfe, fewstep.EDM())["schedule"] == "logsnr"
