@@ -16,6 +16,7 @@ import fewstep
 from fewstep.distill import (
     ConsistencyObjective,
     Teacher,
+    consistency_sigmas,
     distill_config,
     ict_intervals,
     karras_sigmas,
@@ -274,6 +275,12 @@ def test_noise_level_schedules():
         t = time_of(process, grid, s_min)
         assert float(t[0]) == process.t_min and bool((t[1:] > t[:-1]).all())
         torch.testing.assert_close(scaled_sigma(process, t[1:]), grid[1:], rtol=1e-6, atol=0)
+    # CD's grid: where s(t_min) = 0 (rectified flow) its levels start at 0.002, as on EDM; else the Karras grid itself
+    flow = consistency_sigmas(0.0, 80.0, 18)
+    assert float(flow[0]) == 0.0 and float(flow[1]) > 0.005 and bool((flow[1:] > flow[:-1]).all())
+    torch.testing.assert_close(flow[1:], karras_sigmas(0.002, 80.0, 18)[1:], rtol=0, atol=0)
+    assert int((karras_sigmas(0.0, 80.0, 18) < 0.002).sum()) == 4  # the plain grid from 0: 4 of 19 levels below 0.002
+    assert torch.equal(consistency_sigmas(0.01, 80.0, 18), karras_sigmas(0.01, 80.0, 18))
 
 
 def test_ect_starts_from_the_diffusion_loss_and_halves_the_gap(tmp_path):
@@ -376,11 +383,32 @@ def test_pd_student_beats_ddim_on_rectified_flow(tmp_path):
     trainer.train()
     student = load_checkpoint(tmp_path)
     assert student.meta["extra"]["pd_round"] == 2 and sorted(student.meta["extra"]["student_times"]) == ["1"]
+    seconds = [student.meta["extra"]["train_seconds"]]
+    for steps, step in ((2, 300), (4, 150)):  # each round's student is kept when its round ends
+        kept = load_checkpoint(tmp_path / f"student-{steps}steps.json")
+        assert kept.step == step and sorted(kept.meta["extra"]["student_times"]) == [str(steps)]
+        seconds.append(kept.meta["extra"]["train_seconds"])
+    assert seconds[0] > seconds[1] > seconds[2] > 0, seconds  # the training time up to each student
     exact = RING.flow_map(NOISE, process)
     error = map_error(sample_student(student, NOISE.float(), 1), exact)
     ddim = fewstep.sample(teacher.model, NOISE, process=process, prediction="velocity", solver="ddim", steps=1)
     # measured, 3 seeds: PD 1 step 0.14-0.17; DDIM at 1 NFE (the posterior mean at t = 1) 1.01
     assert ddim.nfe == 1 and error < 0.35 < 0.9 < map_error(ddim, exact), (error, map_error(ddim, exact))
+
+
+def test_a_pd_round_distils_from_the_students_ema_and_restarts_from_it(tmp_path):
+    process = fewstep.RectifiedFlow()
+    teacher = exact_teacher(process, "velocity")
+    options = {"start_steps": 4, "steps_per_round": 3}
+    cfg = run_config(tmp_path, "pd", teacher, prediction="velocity", ema_decay=0.5, distill=options)
+    trainer = Trainer(cfg, data=DATA, teacher=teacher)
+    for _ in range(3):
+        trainer.train_step()
+    ema = _params(trainer.ema.module).clone()
+    assert not torch.equal(ema, _params(trainer.model))  # the EMA lags the trained weights
+    trainer.objective.begin_step(trainer)  # the round ends here
+    assert trainer.objective.round == 1 and torch.equal(_params(trainer.objective.round_teacher), ema)
+    assert torch.equal(_params(trainer.model), ema) and trainer.ema.updates == 0
 
 
 @pytest.mark.parametrize("method", ["ct", "ect"])
@@ -607,10 +635,67 @@ def test_cli_bench_distill_writes_the_table_and_rejects_bad_students(tmp_path):
     _digits_pair(tmp_path)
     runner = CliRunner()
     base = ["bench", "distill", "--teacher", str(tmp_path / "teacher.json"), "--steps", "1,2", "--n", "40",
-            "--reference-nfe", "4", "--out", str(tmp_path / "out")]  # fmt: skip
+            "--repeats", "2", "--reference-nfe", "4", "--out", str(tmp_path / "out")]  # fmt: skip
     result = runner.invoke(app, [*base, "--students", f"mine={tmp_path / 'student.json'}"])
     assert result.exit_code == 0, result.output
     table = (tmp_path / "out" / "distill.md").read_text()
     assert "| mine | 1.5 min |" in table and "best training-free at equal NFE" in table, table
+    assert "40 samples, mean over 2 noise sets" in table, table
     bad = runner.invoke(app, [*base, "--students", str(tmp_path / "nope.json")])
     assert bad.exit_code == 2 and "--students" in bad.output, bad.output
+
+
+def test_mean_fd_averages_over_equal_noise_sets():
+    from fewstep.distill.bench import mean_fd
+
+    x = torch.arange(12.0)
+    assert mean_fd(lambda v: float(v.max()), 3)(x) == (3.0 + 7.0 + 11.0) / 3
+    assert mean_fd(lambda v: float(v.max()), 1)(x) == 11.0
+
+
+# Choosing a student's times ---------------------------------------------------------------------------------------------
+
+
+def test_time_search_moves_interior_times_towards_the_optimum_only():
+    from fewstep.distill.times import search_times
+
+    target = [0.7, 0.3]
+    calls = []
+
+    def score(times):
+        calls.append(times)
+        assert all(a > b for a, b in zip(times, times[1:], strict=False))  # every trial grid is decreasing
+        return sum((t - g) ** 2 for t, g in zip(times[1:-1], target, strict=True))
+
+    start = [1.0, 0.5, 0.2, 0.0]
+    times, best = search_times(score, start, points=9, sweeps=3)
+    assert times[0] == 1.0 and times[-1] == 0.0
+    assert best == score(times) < 0.01 * score(start)
+    assert max(abs(t - g) for t, g in zip(times[1:-1], target, strict=True)) < 0.06
+    flat, flat_score = search_times(lambda t: 1.0, start)  # no improvement: the start is kept
+    assert flat == start and flat_score == 1.0
+
+
+def test_tuned_times_are_stored_and_exported_with_the_student(tmp_path):
+    from fewstep import shipped
+    from fewstep.distill.times import tune_student_times, write_times
+
+    _, student = _digits_pair(tmp_path)
+    noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    fd = lambda x: float((x.double().mean() - 0.05) ** 2)  # noqa: E731
+    results = tune_student_times(student, [2], noise, fd, points=3, sweeps=1)
+    assert results[2]["score"] <= results[2]["start_score"] and results[2]["start"] == [1.0, 0.4, 0.0]
+    with pytest.raises(ValueError, match="stores times for steps 1, 2 only"):
+        tune_student_times(student, [4], noise, fd)
+    with pytest.raises(ValueError, match="one step has no interior time"):
+        tune_student_times(student, [1], noise, fd)
+    write_times(tmp_path / "student.json", results, {"score": "test"})
+    exported = shipped.load_model(shipped.export(tmp_path / "student.json", "stud", out_dir=tmp_path / "assets"))
+    extra = exported.meta["extra"]
+    assert extra["student_times"] == {"1": [1.0, 0.0], "2": results[2]["times"]}
+    assert extra["student_sampler"]["solver"] == "consistency" and extra["train_seconds"] == 90.0
+    assert extra["student_times_search"]["2"]["start"] == [1.0, 0.4, 0.0]
+    plain = shipped.load_model(shipped.export(tmp_path / "teacher.json", "plain", out_dir=tmp_path / "assets"))
+    assert "student_times" not in plain.meta["extra"] and "train_seconds" not in plain.meta["extra"]
+    with pytest.raises(ValueError, match="not a distilled student"):
+        write_times(tmp_path / "teacher.json", results, {})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 SHIPPED_MODELS = ("digits_vp", "digits_flow", "digits_cosine_v")
 ASSETS = Path(__file__).parent / "assets"
-STUDENT_KEYS = ("student_times", "student_sampler")  # the extra keys of a distilled student that export keeps
+STUDENT_KEYS = ("student_times", "student_sampler", "student_times_search")  # a student's extra keys export keeps
 
 
 def resolve_model(name_or_path: str | Path) -> Path:

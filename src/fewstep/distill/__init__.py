@@ -26,7 +26,16 @@ from .config import distill_config
 from .consistency import ConsistencyObjective, l2_distance, pseudo_huber_distance
 from .options import METHODS, ConsistencyOptions, ProgressiveOptions, check_config_table, parse_table
 from .progressive import ProgressiveObjective, truncated_snr
-from .schedules import draw_continuous, draw_discrete, ect_gap, ict_intervals, karras_sigmas, scaled_sigma, time_of
+from .schedules import (
+    consistency_sigmas,
+    draw_continuous,
+    draw_discrete,
+    ect_gap,
+    ict_intervals,
+    karras_sigmas,
+    scaled_sigma,
+    time_of,
+)
 from .student import consistency_config, sample_student, stored_times, student_plan
 from .targets import ddim_step, prediction_pair, progressive_target, teacher_step
 from .teacher import Teacher, load_teacher
@@ -45,6 +54,7 @@ __all__ = [
     "ProgressiveOptions",
     "Teacher",
     "consistency_config",
+    "consistency_sigmas",
     "ddim_step",
     "distill_config",
     "draw_continuous",

@@ -116,11 +116,13 @@ def _toml(value: Any) -> str:
 
 
 def bench_distill_command(
-    students: Annotated[str, typer.Option(help="Comma-separated students: shipped names or checkpoint paths, each "
-                                               "optionally LABEL=PATH.")],  # fmt: skip
+    students: Annotated[
+        str, typer.Option(help="Comma-separated students: shipped names or checkpoint paths, each optionally LABEL=PATH.")
+    ],  # fmt: skip
     teacher: Annotated[str, typer.Option(help="The teacher: a shipped model name or a checkpoint path.")] = "digits_flow",
     steps: Annotated[str, typer.Option(help="Comma-separated student step counts (= NFE).")] = "1,2,4",
-    n: Annotated[int, typer.Option(min=2, max=100_000, help="Samples (>= 1000 for reportable FD).")] = 1000,
+    n: Annotated[int, typer.Option(min=2, max=100_000, help="Samples per noise set (>= 1000 for reportable FD).")] = 1000,
+    repeats: Annotated[int, typer.Option(min=1, max=100, help="Noise sets; FD is their mean (FD at 1000 is noisy).")] = 5,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the report noise.")] = 2,
     reference_nfe: Annotated[int, typer.Option(min=2, max=10_000, help="NFE of the teacher's reference.")] = 50,
     out: Annotated[Path, typer.Option(help="Folder for distill.md.")] = Path("out/bench"),
@@ -152,11 +154,12 @@ def bench_distill_command(
         label, _, path = spec.rpartition("=")
         with usage_errors("--students"):
             loaded.append((label or path, load_model(path)))
-    noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(n * repeats, *shape, generator=torch.Generator().manual_seed(seed))
     with usage_errors(options={"steps": "--steps", "nfe": "--steps"}):
         result = bench_distill(loaded, (teacher, loaded_teacher), noise, digits_fd(), steps=counts, seed=seed,
-                               reference_nfe=reference_nfe, log=console.print)  # fmt: skip
-    command = f"fewstep bench distill --students {students} --teacher {teacher} --steps {steps} --n {n} --seed {seed}"
+                               reference_nfe=reference_nfe, parts=repeats, log=console.print)  # fmt: skip
+    command = (f"fewstep bench distill --students {students} --teacher {teacher} --steps {steps} --n {n} "
+               f"--repeats {repeats} --seed {seed}")  # fmt: skip
     text = markdown(result) + f"\n`{command}`: {time.perf_counter() - start:.0f} s\n"
     atomic_write_text(out / "distill.md", text)
     console.print(text)

@@ -25,7 +25,7 @@ from ..train.config import ConfigError, TrainConfig
 from ..train.objective import Objective
 from .clock import TrainClock
 from .options import HUBER_SCALE, ConsistencyOptions, parse_table
-from .schedules import draw_continuous, draw_discrete, ect_gap, ict_intervals, karras_sigmas, scaled_sigma, time_of
+from .schedules import consistency_sigmas, draw_continuous, draw_discrete, ect_gap, ict_intervals, scaled_sigma, time_of
 from .student import consistency_config, consistency_times, initialise_from_teacher, inner_config, student_record
 from .targets import prediction_pair, teacher_step
 from .teacher import Teacher, check_data_shape, check_process, load_teacher
@@ -122,7 +122,7 @@ class ConsistencyObjective(Objective):
 
     def _grid(self, n: int) -> torch.Tensor:
         if n not in self._grids:
-            self._grids[n] = karras_sigmas(self.s_min, self.s_max, n, self.options.rho)
+            self._grids[n] = consistency_sigmas(self.s_min, self.s_max, n, self.options.rho)
         return self._grids[n]
 
     def draw(self, x0: torch.Tensor, generator: torch.Generator, step: int) -> dict[str, torch.Tensor]:

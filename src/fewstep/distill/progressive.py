@@ -6,8 +6,8 @@ process and any named grid: in a round with N student steps the teacher walks th
 (`fewstep.time_grid`, so every other point is the student's grid of N); a sample draws k in 0..N-1, t = g[2k],
 t' = g[2k+1], t'' = g[2k+2], and the student's data prediction at (x_t, t) regresses on the closed-form target of
 two teacher DDIM steps (`targets.progressive_target`), weighted by max(SNR(t), 1) ("truncated SNR", their eq. 9).
-After `steps_per_round` steps the student becomes the teacher (a frozen copy, checkpointed as "objective.teacher.*")
-and keeps training, as does its EMA, restarted from it. Shapes: x0, eps [batch, ...]; t, t_mid, t_next [batch].
+After `steps_per_round` steps the student's EMA becomes the teacher (a frozen copy, checkpointed as
+"objective.teacher.*"), and the student and its EMA restart from it. Shapes: x0, eps [batch, ...]; t, t_mid, t_next [batch].
 """
 
 from __future__ import annotations
@@ -98,12 +98,16 @@ class ProgressiveObjective(Objective):
         return Path(out_dir) / f"student-{steps}steps.json"
 
     def _next_round(self, trainer: Trainer) -> None:
-        """Keep the round's student (`round_checkpoint`, its EMA the student), then it becomes the frozen teacher and
-        its EMA restarts from it."""
+        """Keep the round's student (`round_checkpoint`); its EMA weights, the student that is sampled and kept,
+        become the frozen teacher, and the trained weights and the EMA restart from them.
+
+        Not the raw weights: on digits_flow, lr 2e-4, the raw 16-step student had FD 0.45 against its EMA's 0.31, and
+        distilling from the raw weights made the next round's student worse after 900 steps than after 300.
+        """
         trainer.save(self.round_checkpoint(trainer.out_dir, self.student_steps))
         self.round += 1
-        self.round_teacher = self._frozen_copy(trainer.model)
-        trainer.ema.module.load_state_dict(trainer.model.state_dict())
+        self.round_teacher = self._frozen_copy(trainer.ema.module)
+        trainer.model.load_state_dict(trainer.ema.module.state_dict())
         trainer.ema.updates = 0
 
     @staticmethod
