@@ -699,3 +699,21 @@ def test_tuned_times_are_stored_and_exported_with_the_student(tmp_path):
     assert "student_times" not in plain.meta["extra"] and "train_seconds" not in plain.meta["extra"]
     with pytest.raises(ValueError, match="not a distilled student"):
         write_times(tmp_path / "teacher.json", results, {})
+
+
+def test_shipped_cd_student_beats_the_teacher_at_equal_nfe():
+    """The shipped consistency-distilled student of digits_flow (configs/distill_cd_flow.toml) at 1 and 2 steps has a
+    far lower FD than the teacher's 1- and 2-step DDIM (measured at 1000 samples: 2.2 / 1.2 against 218 / 24)."""
+    from fewstep.distill.student import sample_student
+    from fewstep.shipped import load_model
+    from fewstep.tools.bench_learned import digits_fd
+
+    fd = digits_fd()
+    student, teacher = load_model("digits_flow_cd"), load_model("digits_flow")
+    noise = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for steps in (1, 2):
+            ours = fd(sample_student(student, noise, steps=steps, generator=torch.Generator().manual_seed(4)))
+            ddim = fd(fewstep.sample(teacher.model, noise, process=teacher.process, prediction=teacher.prediction,
+                                     solver="ddim", steps=steps))  # fmt: skip
+            assert ours < 0.25 * ddim and ours < 8.0, (steps, ours, ddim)

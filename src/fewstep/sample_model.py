@@ -131,7 +131,7 @@ def load_source(name: str, scheduler_config: Path | None) -> Source:
     """A shipped model, a fewstep checkpoint or a local diffusers folder (usage errors name --model /
     --scheduler-config)."""
     from .integrations.local import load_diffusers_folder, read_scheduler_config
-    from .shipped import SHIPPED_MODELS
+    from .shipped import SHIPPED_NAMES as SHIPPED_MODELS
 
     path = Path(name)
     if name not in SHIPPED_MODELS and not path.exists():

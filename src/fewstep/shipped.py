@@ -16,17 +16,20 @@ from importlib import resources
 from pathlib import Path
 
 SHIPPED_MODELS = ("digits_vp", "digits_flow", "digits_cosine_v")
+# distilled students (`fewstep distill`, configs/distill_*.toml): sampled by name, not part of the solver benchmarks
+SHIPPED_STUDENTS = ("digits_flow_cd",)
+SHIPPED_NAMES = SHIPPED_MODELS + SHIPPED_STUDENTS
 ASSETS = Path(__file__).parent / "assets"
 STUDENT_KEYS = ("student_times", "student_sampler", "student_times_search")  # a student's extra keys export keeps
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
     """A checkpoint path as given, or the JSON sidecar of a shipped model given by name (see `SHIPPED_MODELS`)."""
-    if str(name_or_path) in SHIPPED_MODELS:
+    if str(name_or_path) in SHIPPED_NAMES:
         return Path(str(resources.files("fewstep.assets") / f"{name_or_path}.json"))
     path = Path(name_or_path)
     if not path.exists():
-        raise ValueError(f"checkpoint {str(name_or_path)!r} is neither a file nor a shipped model ({', '.join(SHIPPED_MODELS)})")
+        raise ValueError(f"checkpoint {str(name_or_path)!r} is neither a file nor a shipped model ({', '.join(SHIPPED_NAMES)})")
     return path
 
 
