@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..train.cli import SEED_HELP, usage_errors, writable_dir
+from ..train.cli import SEED_HELP, start_trainer, usage_errors, writable_dir
 from ..train.config import ConfigError, apply_overrides
 
 try:
@@ -80,21 +80,12 @@ def distill_command(
     ] = None,
 ) -> None:
     """Distil a teacher into a few-step student (consistency distillation/training, ECT, progressive distillation)."""
-    from ..train.distributed import finish_distributed, init_distributed
-    from ..train.trainer import NonFiniteLossError, Trainer
+    from ..train.distributed import finish_distributed
+    from ..train.trainer import NonFiniteLossError
 
     flags = {"steps": steps, "batch_size": batch_size, "lr": lr, "out_dir": out, "seed": seed, "progress": progress}
     cfg = build_config(config, flags, list(set_ or []), method, teacher)
-    ctx = init_distributed()
-    with usage_errors("--teacher/--config/--set"):
-        trainer = Trainer(cfg, dist=ctx)
-    if resume is not None:
-        with usage_errors("--resume"):
-            start = trainer.resume(None if resume == "auto" else resume)
-    if ctx.is_main:
-        writable_dir(Path(cfg.out_dir), "--out" if out is not None else "out_dir")
-        if resume is not None:
-            typer.echo(f"resumed from step {start}")
+    trainer, ctx = start_trainer(cfg, out, resume, "--teacher/--config/--set")
     try:
         trainer.train()
     except NonFiniteLossError as err:

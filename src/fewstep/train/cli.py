@@ -110,6 +110,25 @@ FLAG_OF_KEY = {"data": "--data", "steps": "--steps", "batch_size": "--batch-size
                "progress": "--progress"}  # fmt: skip
 
 
+def start_trainer(cfg, out: Path | None, resume: str | None, config_hint: str):
+    """The Trainer of `cfg` in this process's distributed context, resumed when asked, its out_dir checked writable;
+    returns (trainer, context). Errors are one-line usage errors naming `config_hint`, --resume or --out."""
+    from .distributed import init_distributed
+    from .trainer import Trainer
+
+    ctx = init_distributed()
+    with usage_errors(config_hint):  # what the config check cannot see: the net and data_options tables, the teacher
+        trainer = Trainer(cfg, dist=ctx)
+    if resume is not None:
+        with usage_errors("--resume"):
+            start = trainer.resume(None if resume == "auto" else resume)
+    if ctx.is_main:
+        writable_dir(Path(cfg.out_dir), "--out" if out is not None else "out_dir")
+        if resume is not None:
+            typer.echo(f"resumed from step {start}")
+    return trainer, ctx
+
+
 def train_command(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with the training configuration.")] = None,
     data: Annotated[str | None, typer.Option(help="Data set: ring, moons, circles, swiss_roll, digits, mnist, folder.")] = None,
@@ -133,8 +152,7 @@ def train_command(
     ] = None,
 ) -> None:
     """Train a diffusion / flow model (configuration from --config, flags override it)."""
-    from .distributed import finish_distributed, init_distributed
-    from .trainer import Trainer
+    from .distributed import finish_distributed
 
     flags = {"data": data, "steps": steps, "batch_size": batch_size, "lr": lr, "prediction": prediction, "out_dir": out,
              "seed": seed, "bf16": bf16, "threads": threads, "progress": progress}  # fmt: skip
@@ -150,16 +168,7 @@ def train_command(
         raise typer.BadParameter(str(err), param_hint=FLAG_OF_KEY[err.key] if err.key in given else "--config/--set") from err
     except ValueError as err:  # the TOML file or an override is malformed
         raise typer.BadParameter(str(err), param_hint="--config/--set") from err
-    ctx = init_distributed()
-    with usage_errors("--config/--set"):  # what the config check cannot see: the net and data_options tables
-        trainer = Trainer(cfg, dist=ctx)
-    if resume is not None:
-        with usage_errors("--resume"):
-            start = trainer.resume(None if resume == "auto" else resume)
-    if ctx.is_main:
-        writable_dir(Path(cfg.out_dir), "--out" if out is not None else "out_dir")
-        if resume is not None:
-            typer.echo(f"resumed from step {start}")
+    trainer, ctx = start_trainer(cfg, out, resume, "--config/--set")
     trainer.train()
     if ctx.is_main:
         rate = trainer.iterations_per_second
