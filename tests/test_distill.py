@@ -16,7 +16,6 @@ import fewstep
 from fewstep.distill import (
     ConsistencyObjective,
     Teacher,
-    consistency_sigmas,
     distill_config,
     ict_intervals,
     karras_sigmas,
@@ -275,12 +274,6 @@ def test_noise_level_schedules():
         t = time_of(process, grid, s_min)
         assert float(t[0]) == process.t_min and bool((t[1:] > t[:-1]).all())
         torch.testing.assert_close(scaled_sigma(process, t[1:]), grid[1:], rtol=1e-6, atol=0)
-    # CD's grid: where s(t_min) = 0 (rectified flow) its levels start at 0.002, as on EDM; else the Karras grid itself
-    flow = consistency_sigmas(0.0, 80.0, 18)
-    assert float(flow[0]) == 0.0 and float(flow[1]) > 0.005 and bool((flow[1:] > flow[:-1]).all())
-    torch.testing.assert_close(flow[1:], karras_sigmas(0.002, 80.0, 18)[1:], rtol=0, atol=0)
-    assert int((karras_sigmas(0.0, 80.0, 18) < 0.002).sum()) == 4  # the plain grid from 0: 4 of 19 levels below 0.002
-    assert torch.equal(consistency_sigmas(0.01, 80.0, 18), karras_sigmas(0.01, 80.0, 18))
 
 
 def test_ect_starts_from_the_diffusion_loss_and_halves_the_gap(tmp_path):
@@ -584,6 +577,7 @@ def _digits_pair(tmp_path) -> tuple:
               "train": {"data": "digits"}}  # fmt: skip
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "teacher", model=build_model(config["model"], process), config=config)
+    config["train"]["distill"] = {"method": "ect", "teacher": "digits_flow"}  # continuous schedule: any time
     extra = {**student_record({1: [1.0, 0.0], 2: [1.0, 0.4, 0.0]}, 0.0), "train_seconds": 90.0}
     save_checkpoint(tmp_path / "student", model=build_model(config["model"], process), config=config, extra=extra)
     return load_checkpoint(tmp_path / "teacher.json"), load_checkpoint(tmp_path / "student.json")
@@ -676,6 +670,24 @@ def test_time_search_moves_interior_times_towards_the_optimum_only():
     assert flat == start and flat_score == 1.0
 
 
+def test_cd_student_times_lie_on_its_training_grid_and_the_search_keeps_them_there():
+    from fewstep.distill.consistency import student_times, training_times
+    from fewstep.distill.options import parse_table
+    from fewstep.distill.times import search_times
+
+    process = fewstep.RectifiedFlow()
+    cd = parse_table({"method": "cd"})
+    grid = training_times(process, cd)
+    assert len(grid) == 19 and grid[0] > grid[1] and grid[-1] == process.t_min
+    times = student_times(process, cd)
+    assert sorted(times) == [1, 2, 4] and all(t in grid for ts in times.values() for t in ts), times
+    assert training_times(process, parse_table({"method": "ect"})) is None  # the continuous schedule trains everywhere
+    tried = []
+    score = lambda ts: tried.append(ts[1:-1]) or abs(ts[1] - 0.5) + abs(ts[2] - 0.1)  # noqa: E731
+    best, _ = search_times(score, times[4], allowed=grid)
+    assert all(t in grid for ts in tried for t in ts) and best[1] in grid and abs(best[1] - 0.5) < 0.1
+
+
 def test_tuned_times_are_stored_and_exported_with_the_student(tmp_path):
     from fewstep import shipped
     from fewstep.distill.times import tune_student_times, write_times
@@ -689,6 +701,8 @@ def test_tuned_times_are_stored_and_exported_with_the_student(tmp_path):
         tune_student_times(student, [4], noise, fd)
     with pytest.raises(ValueError, match="one step has no interior time"):
         tune_student_times(student, [1], noise, fd)
+    with pytest.raises(ValueError, match="not a distilled student"):
+        tune_student_times(load_checkpoint(tmp_path / "teacher.json"), [2], noise, fd)
     write_times(tmp_path / "student.json", results, {"score": "test"})
     exported = shipped.load_model(shipped.export(tmp_path / "student.json", "stud", out_dir=tmp_path / "assets"))
     extra = exported.meta["extra"]

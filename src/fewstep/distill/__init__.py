@@ -27,7 +27,6 @@ from .consistency import ConsistencyObjective, l2_distance, pseudo_huber_distanc
 from .options import METHODS, ConsistencyOptions, ProgressiveOptions, check_config_table, parse_table
 from .progressive import ProgressiveObjective, truncated_snr
 from .schedules import (
-    consistency_sigmas,
     draw_continuous,
     draw_discrete,
     ect_gap,
@@ -54,7 +53,6 @@ __all__ = [
     "ProgressiveOptions",
     "Teacher",
     "consistency_config",
-    "consistency_sigmas",
     "ddim_step",
     "distill_config",
     "draw_continuous",

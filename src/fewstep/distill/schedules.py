@@ -43,21 +43,6 @@ def karras_sigmas(s_min: float, s_max: float, intervals: int, rho: float = 7.0) 
     return s
 
 
-GRID_FLOOR = 0.002  # sigma_min of Karras et al. (2022) and Song et al. (2023): the grid's lowest level above s(t_min)
-
-
-def consistency_sigmas(s_min: float, s_max: float, intervals: int, rho: float = 7.0) -> torch.Tensor:
-    """The Karras grid from max(s_min, GRID_FLOOR) to s_max, its first point moved to s_min exactly (float64).
-
-    Where s(t_min) = 0 (rectified flow: t_min = 0) the plain grid from 0 puts 4 of its 19 levels below s = 0.002,
-    where a consistency function is the identity to 1e-5: wasted training draws and sampling steps.
-    """
-    floor = GRID_FLOOR if s_min < GRID_FLOOR < s_max else s_min
-    grid = karras_sigmas(floor, s_max, intervals, rho)
-    grid[0] = s_min
-    return grid
-
-
 def ict_intervals(step: int, total_steps: int, n_min: int, n_max: int) -> int:
     """iCT's N(k): n_min doubled every K' steps up to n_max (Song & Dhariwal, 2023, eq. 8, with s0 = n_min, s1 = n_max)."""
     if n_min >= n_max:

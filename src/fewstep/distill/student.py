@@ -20,7 +20,7 @@ from ..processes import Process
 from ..sampling import sample
 from ..train.checkpoint import CheckpointError, LoadedCheckpoint, load_state
 from ..train.config import ConfigError, TrainConfig
-from .schedules import consistency_sigmas, time_of
+from .schedules import karras_sigmas, time_of
 from .teacher import Teacher, check_prediction_matches
 
 TIMES_KEY = "student_times"
@@ -69,9 +69,8 @@ def initialise_from_teacher(student: nn.Module, teacher: Teacher | None, wanted:
 
 
 def consistency_times(process: Process, s_min: float, s_max: float, steps: int, rho: float = 7.0) -> list[float]:
-    """steps + 1 decreasing times: the grid of `consistency_sigmas` in s = sigma / alpha from s_max to s_min, ending
-    exactly at t_min."""
-    s = consistency_sigmas(s_min, s_max, steps, rho).flip(0)
+    """steps + 1 decreasing times: the Karras grid in s = sigma / alpha from s_max to s_min, ending exactly at t_min."""
+    s = karras_sigmas(s_min, s_max, steps, rho).flip(0)
     t = time_of(process, s, s_min)
     t[-1] = process.t_min
     return time_grid(process, steps, float(t[0]), process.t_min, t).tolist()

@@ -2,8 +2,9 @@
 
 The consistency sampler's intermediate times (the "ts" that openai/consistency_models users tune by hand; Song et al.,
 2023, section 6 chose theirs by greedy search against FID) are not learned: for 2 and 4 steps each interior time
-t_i is tried in turn at `points` evenly spaced values strictly between its neighbours, keeping a move only when the
-score improves, for `sweeps` passes; the first and last time stay. The score is any `score(samples) -> float`
+t_i is tried in turn at every value strictly between its neighbours that the student was trained at (a discrete
+schedule's grid: off it the student is worse), or else at `points` evenly spaced values, keeping a move only when
+the score improves, for `sweeps` passes; the first and last time stay. The score is any `score(samples) -> float`
 (lower is better), e.g. FD on held-out noise; samples are drawn from the same noise and the same sampler noise for
 every candidate (common random numbers), so that candidates differ only by their times.
 
@@ -35,15 +36,20 @@ def neighbours_grid(upper: float, lower: float, points: int) -> list[float]:
     return [lower + (upper - lower) * j / (points + 1) for j in range(1, points + 1)]
 
 
-def search_times(score: Score, times: Sequence[float], *, points: int = 9, sweeps: int = 2) -> tuple[list[float], float]:
+def search_times(
+    score: Score, times: Sequence[float], *, points: int = 9, sweeps: int = 2, allowed: Sequence[float] | None = None
+) -> tuple[list[float], float]:
     """Coordinate search of the interior times of a decreasing grid `times` minimising `score(times)`; returns the
-    best times and their score (never worse than the start's)."""
+    best times and their score (never worse than the start's). `allowed`: the only values an interior time may take
+    (a discrete-schedule student's training grid), else `points` evenly spaced ones between its neighbours."""
     best = [float(t) for t in times]
     best_score = score(best)
     for _ in range(sweeps):
         moved = False
         for i in range(1, len(best) - 1):
-            for value in neighbours_grid(best[i - 1], best[i + 1], points):
+            upper, lower = best[i - 1], best[i + 1]
+            values = neighbours_grid(upper, lower, points) if allowed is None else [t for t in allowed if lower < t < upper]
+            for value in values:
                 trial = best[:i] + [value] + best[i + 1 :]
                 value_score = score(trial)
                 if value_score < best_score:
@@ -59,7 +65,10 @@ def student_score(loaded: Any, noise: torch.Tensor, fd: Callable[[torch.Tensor],
     @torch.no_grad()
     def score(times: list[float]) -> float:
         schedule = torch.tensor(times, dtype=torch.float64)
-        x = sample_student(loaded, noise, len(times) - 1, schedule=schedule, generator=torch.Generator().manual_seed(seed))
+        try:
+            x = sample_student(loaded, noise, len(times) - 1, schedule=schedule, generator=torch.Generator().manual_seed(seed))
+        except ValueError:  # a grid the solver refuses (times closer than round-off): not a candidate
+            return float("inf")
         return fd(x) if bool(torch.isfinite(x).all()) else float("inf")
 
     return score
@@ -79,6 +88,7 @@ def tune_student_times(
     """For each step count in `steps` (>= 2, stored by the student): {"times", "score", "start", "start_score"}."""
     say = log or (lambda text: None)
     stored = stored_times(loaded.meta)
+    allowed = student_training_times(loaded)
     score = student_score(loaded, noise, fd, seed)
     out = {}
     for n in steps:
@@ -88,10 +98,25 @@ def tune_student_times(
         if n < 2:
             raise ValueError(f"steps={n}: one step has no interior time to choose; give step counts >= 2")
         start_score = score(stored[n])
-        times, best = search_times(score, stored[n], points=points, sweeps=sweeps)
+        times, best = search_times(score, stored[n], points=points, sweeps=sweeps, allowed=allowed)
         out[n] = {"times": times, "score": best, "start": stored[n], "start_score": start_score}
         say(f"{n} steps: {_fmt(stored[n])} score {start_score:.4g} -> {_fmt(times)} score {best:.4g}")
     return out
+
+
+def student_training_times(loaded: Any) -> list[float] | None:
+    """The times a consistency student was trained at (its checkpoint's distill table and process; None: every time,
+    the continuous schedule); ValueError for a progressive-distillation student, whose times are its training grid."""
+    from .consistency import training_times
+    from .options import ConsistencyOptions, parse_table
+
+    table = ((loaded.config or {}).get("train") or {}).get("distill") or {}
+    if not table:
+        raise ValueError("this checkpoint is not a distilled student (its config has no distill table)")
+    options = parse_table(table)
+    if not isinstance(options, ConsistencyOptions):
+        raise ValueError("a progressive-distillation student samples at the times it was trained at; they are not tuned")
+    return training_times(loaded.process, options)
 
 
 def _fmt(times: Sequence[float]) -> str:
