@@ -133,6 +133,21 @@ def test_mmd_near_zero_for_equal_and_matches_gaussian_closed_form_for_shifted():
 # ---- precision / recall --------------------------------------------------------------------------------------------
 
 
+def test_energy_distance_is_scipys_squared_in_1d_and_zero_only_for_equal_samples():
+    from scipy.stats import energy_distance as scipy_energy
+
+    from fewstep.metrics import energy_distance
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 1, generator=g, dtype=torch.float64), 0.5 + torch.randn(200, 1, generator=g, dtype=torch.float64)
+    assert energy_distance(a, b) == pytest.approx(scipy_energy(a[:, 0].numpy(), b[:, 0].numpy()) ** 2, rel=1e-10)
+    assert energy_distance(a, a) == pytest.approx(0.0, abs=1e-12)
+    c = torch.randn(400, 3, generator=g, dtype=torch.float64)
+    assert energy_distance(c, c + 1.0) > 10 * energy_distance(c[:200], c[200:]) > 0
+    with pytest.raises(ValueError, match="same dimension"):
+        energy_distance(a, c)
+
+
 def test_precision_recall_identical_disjoint_and_half():
     g = _gen(6)
     a = torch.randn(300, 4, generator=g, dtype=torch.float64)

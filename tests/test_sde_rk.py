@@ -12,6 +12,7 @@ import torch
 
 import fewstep
 from fewstep.accuracy import empirical_order, solver_error
+from fewstep.metrics import energy_distance
 from fewstep.noise import BrownianTreeNoise
 from fewstep.solvers import Run
 
@@ -204,10 +205,6 @@ EXACT_COV = (
 # Tolerances for 1000 samples (ring2d: covariance 0.51 I). Measured on 300 sets of exact samples: max |mean| error
 # 0.066, max |cov| error 0.037 and energy distance to TRUTH 0.0075 (99% quantile 0.0063).
 MEAN_TOL, COV_TOL, ENERGY_TOL = 0.08, 0.05, 0.008
-
-
-def energy_distance(a, b):
-    return float(2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean())
 
 
 def distribution_errors(x):
