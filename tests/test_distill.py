@@ -731,3 +731,24 @@ def test_shipped_cd_student_beats_the_teacher_at_equal_nfe():
             ddim = fd(fewstep.sample(teacher.model, noise, process=teacher.process, prediction=teacher.prediction,
                                      solver="ddim", steps=steps))  # fmt: skip
             assert ours < 0.25 * ddim and ours < 8.0, (steps, ours, ddim)
+
+
+def test_exact_bed_scores_students_and_training_free_samplers_against_exact_answers(tmp_path):
+    from fewstep.distill.exact_bed import exact_bed, markdown
+
+    result = exact_bed("ring2d", fewstep.RectifiedFlow(), "velocity", methods=("pd",), train_steps=400, samples=500,
+                       student_steps=(1, 2), reference_nfe=5, free_solvers=("ddim", "ipndm"),
+                       free_grids=("time_uniform", "quadratic"), out_dir=tmp_path)  # fmt: skip
+    # One NFE from t = 1 on rectified flow returns the posterior mean there, the data mean (0): its map error is the RMS
+    # radius of the exact samples, sqrt(1 + 2 * 0.1^2) = 1.01.
+    assert result.free[1].map_error == pytest.approx(math.sqrt(1.02), rel=0.03)
+    assert result.floor < 0.004 and result.free[5].energy < 3 * result.floor + 0.003  # 5 NFE is near exact on the ring
+    pd = result.students["pd"]
+    # measured (500 samples): PD after 400 steps 1 step 0.005-0.01 (map 0.14), 2 steps about the same; training-free
+    # 0.73 (1 NFE) and 0.06 (2 NFE).
+    assert pd[1].energy < 0.05 * result.free[1].energy and pd[1].map_error < 0.3, pd
+    assert pd[2].energy < 0.5 * result.free[2].energy, (pd, result.free)
+    table = markdown(result)
+    assert "| pd student |" in table and "1-step students below it" in table
+    with pytest.raises(ValueError, match="methods: dmd not known"):
+        exact_bed("ring2d", methods=("dmd",))
