@@ -752,3 +752,38 @@ def test_exact_bed_scores_students_and_training_free_samplers_against_exact_answ
     assert "| pd student |" in table and "1-step students below it" in table
     with pytest.raises(ValueError, match="methods: dmd not known"):
         exact_bed("ring2d", methods=("dmd",))
+
+
+@pytest.mark.parametrize("method", ["cd", "pd"])
+def test_two_processes_distil_as_one_process(tmp_path, method):
+    """`fewstep distill` under torchrun (2 processes, gloo) follows the one-process run: same losses, same weights."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fewstep.train import save_checkpoint
+
+    process = fewstep.RectifiedFlow()
+    config = {"model": {"net": TINY, "prediction": "velocity"}, "process": {"type": "rectified_flow"}, "train": {"data": "ring"}}
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "teacher", model=build_model(config["model"], process), config=config)
+    options = ["distill.n_max=4", "distill.n_min=4"] if method == "cd" else ["distill.start_steps=4", "distill.steps_per_round=3"]
+    flags = ["distill", "--method", method, "--teacher", str(tmp_path / "teacher.json"), "--steps", "6", "--batch-size", "32",
+             "--no-progress", "--set", "sample_count=4", "--set", "checkpoint_every=0"]  # fmt: skip
+    for option in options:
+        flags += ["--set", option]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fewstep.cli"]
+    for command, out in ((launcher, "ddp"), ([sys.executable, "-m", "fewstep.cli"], "one")):
+        result = subprocess.run(command + flags + ["--out", str(tmp_path / out)], env=env, capture_output=True, text=True,
+                                timeout=240)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    ddp, one = (json.loads((tmp_path / out / "checkpoint.json").read_text()) for out in ("ddp", "one"))
+    assert ddp["extra"]["world_size"] == 2 and one["extra"]["world_size"] == 1
+    np.testing.assert_allclose(ddp["loss_history"], one["loss_history"], rtol=1e-4, atol=1e-7)
+    assert one["loss_history"][-1] != one["loss_history"][0]
+    torch.testing.assert_close(
+        _params(load_checkpoint(tmp_path / "ddp", ema=False).model), _params(load_checkpoint(tmp_path / "one", ema=False).model),
+        rtol=1e-4, atol=1e-5,
+    )
