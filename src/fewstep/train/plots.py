@@ -20,9 +20,14 @@ def _pyplot():
 
 
 def save_samples(samples: torch.Tensor, path: str | Path, title: str = "", reference: torch.Tensor | None = None) -> Path:
-    """2-D points as a scatter plot (with `reference` data in grey), images [N, C, H, W] in [-1, 1] as a grid."""
+    """Points [N, D] as a scatter plot of their first two coordinates (with `reference` data in grey), images
+    [N, C, H, W] in [-1, 1] as a grid."""
     plt = _pyplot()
     x = samples.detach().float().cpu()
+    if x.ndim == 2 and x.shape[1] > 2:  # points in D dimensions: their first two coordinates
+        title = f"{title} (coordinates 1-2 of {x.shape[1]})"
+        x = x[:, :2]
+        reference = None if reference is None else reference[:, :2]
     if x.ndim == 2 and x.shape[1] == 2:
         fig, ax = plt.subplots(figsize=(5, 5))
         if reference is not None:
@@ -45,7 +50,7 @@ def save_samples(samples: torch.Tensor, path: str | Path, title: str = "", refer
         ax.imshow(img[:, :, 0] if c == 1 else img, cmap="gray" if c == 1 else None, vmin=0, vmax=1, interpolation="nearest")
         ax.axis("off")
     else:
-        raise ValueError(f"cannot plot samples of shape {tuple(x.shape)}: need [N, 2] points or [N, C, H, W] images")
+        raise ValueError(f"cannot plot samples of shape {tuple(x.shape)}: need [N, D >= 2] points or [N, C, H, W] images")
     ax.set_title(title)
     fig.tight_layout()
     return save_figure(fig, path, dpi=100)
