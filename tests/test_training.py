@@ -481,3 +481,13 @@ def test_cli_train_from_toml_and_resume(tmp_path):
     assert resumed == straight and len(straight) == 6
     bad = runner.invoke(app, ["train", "-c", str(toml), "--out", str(tmp_path / "b"), "--resume", "auto", "--set", "net.width=8"])
     assert bad.exit_code == 2 and "model config" in bad.output
+
+
+def test_sample_figures_take_points_of_any_dimension_and_images(tmp_path):
+    from fewstep.train.plots import save_samples
+
+    for shape in ((32, 2), (32, 16), (9, 1, 8, 8)):
+        path = save_samples(torch.rand(shape) * 2 - 1, tmp_path / f"{len(shape)}-{shape[1]}.png", "t", None)
+        assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match=r"need \[N, D >= 2\] points"):
+        save_samples(torch.rand(32), tmp_path / "bad.png")
