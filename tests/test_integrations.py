@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fewstep
-from fewstep.integrations import convention
+from fewstep.integrations import convention, handoff
 from fewstep.integrations.handoff import evaluation_plan
 from fewstep.integrations.k_diffusion import k_sigma, kdiffusion_sampling
 
@@ -175,8 +175,19 @@ def test_scheduler_state_is_reset_by_set_timesteps_and_bad_steps_are_refused():
         FewstepScheduler().step(NOISE, 999.0, NOISE)
 
 
-def test_abandoned_scheduler_releases_its_solver_thread_and_churn_at_start_is_refused():
+@pytest.fixture(params=["greenlet", "thread"])
+def backend(request, monkeypatch):
+    """The hand-off that drives fewstep.sample: a greenlet (where installed) or the worker-thread fallback."""
+    if request.param == "thread":
+        monkeypatch.setattr(handoff, "greenlet", None)
+    elif handoff.greenlet is None:
+        pytest.skip("greenlet is not installed")
+    return request.param
+
+
+def test_abandoned_scheduler_releases_its_solver_and_churn_at_start_is_refused(backend):
     import gc
+    import weakref
 
     scheduler = FewstepScheduler(**DDPM, solver="unipc")
     process = scheduler._convention.process
@@ -184,15 +195,74 @@ def test_abandoned_scheduler_releases_its_solver_thread_and_churn_at_start_is_re
     x = NOISE * scheduler.init_noise_sigma
     for k in scheduler.timesteps[:2]:
         x = scheduler.step(MIXTURE.model(process, "eps")(x, process.time_from_timestep(k).expand(8)), k, x).prev_sample
-    thread = scheduler._thread._thread
-    assert thread.is_alive()
+    if backend == "thread":
+        thread = scheduler._thread._thread
+        assert isinstance(scheduler._thread, handoff.SolverThread) and thread.is_alive()
+    else:
+        assert isinstance(scheduler._thread, handoff.SolverGreenlet) and not scheduler._thread._glet.dead
+        glet = weakref.ref(scheduler._thread._glet)
     del scheduler
     gc.collect()
-    thread.join(timeout=5)
-    assert not thread.is_alive()
+    if backend == "thread":
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+    else:
+        assert glet() is None  # collected, hence unwound (greenlet throws GreenletExit into a collected greenlet)
     churn = FewstepScheduler(**DDPM, solver="edm_sde")  # sigma/alpha 40 <= s_tmax = 50: churn before evaluation 0
     with pytest.raises(ValueError, match="changes the state before its first evaluation"):
         churn.set_timesteps(sigmas=[40.0, 10.0, 1.0, 0.1, 0.0])
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "heun", "euler_ancestral"])
+def test_thread_and_greenlet_hand_offs_give_the_same_samples(solver, monkeypatch):
+    scheduler = FewstepScheduler(**DDPM, solver=solver)
+    model = MIXTURE.model(scheduler._convention.process, "eps")
+    runs = []
+    for fallback in (False, True):
+        if fallback:
+            monkeypatch.setattr(handoff, "greenlet", None)
+        x, _ = run_pipeline_loop(scheduler, model, NOISE, 5, generator=torch.Generator().manual_seed(4))
+        kind = handoff.SolverThread if fallback else (handoff.SolverGreenlet if handoff.greenlet else handoff.SolverThread)
+        assert isinstance(scheduler._thread, kind)
+        runs.append(x)
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_hand_off_keeps_each_sides_autograd_mode(backend):
+    """fewstep.sample runs its loop under no_grad; the pipeline's own mode survives every step() and an abandoned run."""
+    scheduler = FewstepScheduler(**DDPM, solver="dpmpp_2m")
+    process = scheduler._convention.process
+    model = MIXTURE.model(process, "eps")
+    weight = torch.ones((), dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        scheduler.set_timesteps(4)
+        x = NOISE * scheduler.init_noise_sigma
+        for k in scheduler.timesteps[:3]:
+            out = model(x, process.time_from_timestep(k).expand(8)) * weight
+            assert out.requires_grad  # the pipeline's side records gradients ...
+            x = scheduler.step(out, k, x).prev_sample
+            assert torch.is_grad_enabled() and not x.requires_grad  # ... the solver's does not
+        scheduler.set_timesteps(4)  # abandons the run: unwinding it leaves our mode alone
+        assert torch.is_grad_enabled()
+    with torch.no_grad():
+        run_pipeline_loop(scheduler, model, NOISE, 4)
+        assert not torch.is_grad_enabled()
+
+
+def test_set_timesteps_keeps_its_plan_but_hands_out_fresh_tensors():
+    scheduler = FewstepScheduler(**DDPM, solver="heun")
+    scheduler.set_timesteps(5)
+    first, sigmas, plan = scheduler.timesteps, scheduler.sigmas, scheduler._plan
+    first.zero_()  # a pipeline that edits the tensors it was given does not change the next run
+    scheduler.set_timesteps(5)
+    assert scheduler._plan is plan and scheduler.timesteps is not first and scheduler.sigmas is not sigmas
+    assert scheduler.timesteps[0].item() == 999.0 and scheduler.order == 2
+    scheduler.set_timesteps(3)
+    assert len(scheduler.timesteps) == 7 and scheduler._plan is not plan
+    scheduler.set_timesteps(timesteps=[999, 500, 100])
+    assert scheduler.timesteps.tolist()[::2] == [999.0, 500.0, 100.0]
+    with pytest.raises(ValueError, match="num_inference_steps"):  # equal to 5 but not an int: refused, not reused
+        scheduler.set_timesteps(5.0)
 
 
 def test_img2img_begin_index_and_add_noise_equal_sample_from_that_time():
@@ -634,3 +704,78 @@ def test_auto_scheduler_on_a_flow_config_equals_sample_auto():
     got, _ = run_pipeline_loop(scheduler, model, AUTO_NOISE, 6)
     ref = fewstep.sample(model, AUTO_NOISE, process=process, prediction="velocity", solver="auto", nfe=6)
     assert (got - ref).abs().max().item() <= 1e-12 and scheduler.choice == ref.choice and len(scheduler.timesteps) == 6
+
+
+def test_step_and_set_timesteps_bad_input_is_clear():
+    scheduler = FewstepScheduler(**DDPM, solver="dpmpp_2s")
+    scheduler.set_timesteps(3)  # two evaluations per step, the second at a midpoint: steps start at evaluations 0, 2, 4
+    mid = scheduler.timesteps[1].item()
+    with pytest.raises(ValueError, match=f"timestep={mid!r} is not the first timestep of any step of this run"):
+        scheduler.step(torch.zeros_like(NOISE), mid, NOISE)  # a first step at an intermediate (second-stage) time
+    with pytest.raises(ValueError, match=r"timestep must be one timestep .* got shape \(2,\)"):
+        scheduler.set_begin_index(0)
+        scheduler.step(torch.zeros_like(NOISE), scheduler.timesteps[:2], NOISE)
+    with pytest.raises(ValueError, match="timestep must be a number or a one-element tensor, got str"):
+        scheduler.step(torch.zeros_like(NOISE), "999", NOISE)
+    with pytest.raises(TypeError, match="model_output and sample must be tensors"):
+        scheduler.step(NOISE.numpy(), 999, NOISE)
+    with pytest.raises(ValueError, match="pass timesteps or sigmas to set_timesteps, not both"):
+        scheduler.set_timesteps(timesteps=[999, 500], sigmas=[10.0, 1.0])
+    with pytest.raises(ValueError, match="num_inference_steps=4 but timesteps has 3 values"):
+        scheduler.set_timesteps(4, timesteps=[999, 500, 100])
+    with pytest.raises(ValueError, match="timesteps must give at least one step"):
+        scheduler.set_timesteps(timesteps=[999])
+    with pytest.raises(ValueError, match="timesteps"):
+        scheduler.set_timesteps(timesteps=[100, 500, 999])  # increasing
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\] \(the model's range\), got \[0, 1500\]"):
+        scheduler.add_noise(NOISE, NOISE, torch.tensor([0, 1500]))
+    with pytest.raises(ValueError, match="solver_options must be a dict of options of solver 'unipc'"):
+        FewstepScheduler(solver="unipc", solver_options=[("order", 2)])
+    with pytest.raises(
+        ValueError, match="rho is a parameter of the karras and polyexponential schedules, not of schedule='logsnr'"
+    ):
+        FewstepScheduler(schedule="logsnr", rho=7.0)
+    with pytest.raises(ValueError, match="solver='time_shift' cannot run as a diffusers scheduler"):
+        FewstepScheduler(solver="time_shift")
+    with pytest.raises(ValueError, match="denoise_to_zero must be True or False, got denoise_to_zero='yes'"):
+        FewstepScheduler(denoise_to_zero="yes")
+
+
+def test_scheduler_configs_fewstep_cannot_represent_are_refused():
+    with pytest.raises(ValueError, match="ScoreSdeVeScheduler has neither beta_schedule nor trained_betas nor a flow-matching"):
+        FewstepScheduler.from_config(diffusers.ScoreSdeVeScheduler())  # a scheduler: its class is named
+    with pytest.raises(ValueError, match="this scheduler has neither beta_schedule nor trained_betas"):
+        FewstepScheduler.from_config(diffusers.ScoreSdeVeScheduler().config)
+    with pytest.raises(ValueError, match="EDM-preconditioned"):
+        FewstepScheduler.from_config({**DDPM, "_class_name": "DPMSolverMultistepScheduler", "timestep_type": "continuous"})
+    with pytest.raises(TypeError, match="config must be a diffusers scheduler, its .config or a dict, got int"):
+        FewstepScheduler.from_config(3)
+    with pytest.raises(ValueError, match="time_shift_type='cubic' is not known"):
+        FewstepScheduler.from_config(flow_config(use_dynamic_shifting=True, time_shift_type="exponential"),
+                                     time_shift_type="cubic").set_timesteps(4, mu=1.0)  # fmt: skip
+
+
+def test_scheduler_overhead_benchmark_reports_each_loop():
+    from fewstep.integrations.overhead import scheduler_overhead
+
+    result = scheduler_overhead(("ddim", "heun"), batch_shape=(2, 3), steps=3, rounds=2)
+    assert set(result.scheduler_us) == set(result.sample_us) == {"ddim", "heun"} and result.diffusers_us > 0
+    rows = result.markdown().splitlines()
+    assert len(rows) == 4 + 2 * 2 + 1 and rows[-1].endswith("| 1.00 |")
+    us = result.scheduler_us["heun"]
+    fast, ratio = result.minima["scheduler:heun"], result.ratios["scheduler:heun"]
+    assert fast <= us and result.minima["diffusers"] <= result.diffusers_us and result.ratios["diffusers"] == 1.0
+    assert f"| FewstepScheduler('heun').step() | {us:.1f} | {fast:.1f} | {ratio:.2f} |" in rows
+
+
+def test_a_solver_error_reaches_the_pipeline_and_the_next_run_recovers(backend):
+    scheduler = FewstepScheduler(**DDPM, solver="dpmpp_2m")
+    model = MIXTURE.model(scheduler._convention.process, "eps")
+    scheduler.set_timesteps(3)
+    x = NOISE * scheduler.init_noise_sigma
+    with pytest.raises(fewstep.ModelError, match=r"the model returned NaN or Inf at step 0, evaluation 1"):
+        for k in scheduler.timesteps:  # fewstep.sample reports NaN once, at its end: from the last step()
+            x = scheduler.step(torch.full_like(NOISE, float("nan")), k, x).prev_sample
+    fresh, _ = run_pipeline_loop(scheduler, model, NOISE, 3)
+    ref = fewstep.sample(model, NOISE, process=scheduler._convention.process, steps=3)
+    assert torch.equal(fresh, ref)

@@ -5,7 +5,9 @@
   over keyword conditioning.
 - `to_k_diffusion`, `from_k_diffusion` (`k_diffusion`): k-diffusion's denoiser convention, both ways.
 - `conventions`: a scheduler config's process, prediction and timestep map; `flow`: the flow time shift.
-- `handoff`: fewstep.sample driven one network evaluation at a time.
+- `handoff`: fewstep.sample driven one network evaluation at a time (a greenlet, or a worker thread without greenlet).
+- `overhead`: FewstepScheduler.step() timed against diffusers' DPMSolverMultistepScheduler.step()
+  (`python -m fewstep.integrations.overhead`).
 diffusers is imported only by `scheduler` (loaded on first use of `FewstepScheduler`).
 """
 

@@ -64,16 +64,29 @@ class DiffusersModel:
 
 
 def _check_conditioning(net: Any, x: torch.Tensor, kwargs: Mapping[str, Any]) -> None:
-    """ValueError naming model_kwargs[key] for conditioning whose shape the network cannot take (host metadata only)."""
+    """ValueError naming model_kwargs[key] for conditioning whose shape the network cannot take (host metadata only):
+    text embeddings against the width the network's config declares (UNet: `encoder_hid_dim`, else
+    `cross_attention_dim`; SD3/FLUX transformers: `joint_attention_dim`), pooled projections against
+    `pooled_projection_dim`, class labels against the batch."""
     config = getattr(net, "config", {})
-    dim = config.get("cross_attention_dim") if isinstance(config, Mapping) else None
+    config = config if isinstance(config, Mapping) else {}
+    for key in ("encoder_hid_dim", "cross_attention_dim", "joint_attention_dim"):
+        dim = config.get(key)
+        if dim is not None:
+            break
     states = kwargs.get("encoder_hidden_states")
     if isinstance(states, torch.Tensor) and isinstance(dim, int):
         if states.ndim != 3 or states.shape[0] != x.shape[0] or states.shape[-1] != dim:
             raise ValueError(
                 f"model_kwargs['encoder_hidden_states'] must have shape [batch={x.shape[0]}, tokens, {dim}] "
-                f"(the network's cross_attention_dim), got {tuple(states.shape)}"
+                f"(the network's {key}), got {tuple(states.shape)}"
             )
+    pooled, dim = kwargs.get("pooled_projections"), config.get("pooled_projection_dim")
+    if isinstance(pooled, torch.Tensor) and isinstance(dim, int) and tuple(pooled.shape) != (x.shape[0], dim):
+        raise ValueError(
+            f"model_kwargs['pooled_projections'] must have shape [batch={x.shape[0]}, {dim}] (the network's "
+            f"pooled_projection_dim), got {tuple(pooled.shape)}"
+        )
     labels = kwargs.get("class_labels")
     if isinstance(labels, torch.Tensor) and (labels.ndim != 1 or labels.shape[0] != x.shape[0]):
         raise ValueError(f"model_kwargs['class_labels'] must have shape [batch={x.shape[0]}], got {tuple(labels.shape)}")

@@ -1,10 +1,13 @@
 """fewstep's own sampling loop driven one network evaluation at a time ("ask/tell"), for stateful step() APIs.
 
 A fewstep solver is a loop that calls `model(x, t)`; a diffusers pipeline owns the loop and calls the model itself.
-`SolverThread` runs `fewstep.sample` in a worker thread whose model blocks at every call: the caller receives the
+`solver_run(solve)` runs `fewstep.sample` as a coroutine whose model pauses at every call: the caller receives the
 state and time to evaluate (`Ask`), evaluates the network, and hands the output back (`tell`), so no solver formula
-is re-implemented and the result is `fewstep.sample`'s, bit for bit. Exactly one of the two threads runs at any
-time (a synchronous hand-off). `evaluation_plan` lists, before sampling, the times at which a solver will evaluate.
+is re-implemented and the result is `fewstep.sample`'s, bit for bit. Exactly one side runs at any time (a
+synchronous hand-off). Two interchangeable implementations: `SolverGreenlet` (a greenlet on the caller's thread,
+about a microsecond per hand-off; used when the `greenlet` package is installed) and `SolverThread` (a worker thread
+and two queues: no extra dependency, but each hand-off is an OS thread switch, tens to hundreds of microseconds on a
+loaded machine). `evaluation_plan` lists, before sampling, the times at which a solver will evaluate.
 """
 
 from __future__ import annotations
@@ -14,9 +17,14 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+try:  # the fast hand-off (optional: SolverThread does the same job without it)
+    import greenlet
+except ImportError:  # pragma: no cover - depends on the environment
+    greenlet = None
 
 from ..processes import Process
 from ..sampling import sample
@@ -24,9 +32,9 @@ from ..sampling import sample
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Ask:
-    """The solver asks for the network's output at state x [batch, ...] and times t [batch]."""
+class Ask(NamedTuple):
+    """The solver asks for the network's output at state x [batch, ...] and times t [batch] (a named tuple: one is
+    made per network evaluation, and a frozen dataclass costs several times more to build)."""
 
     x: torch.Tensor
     t: torch.Tensor
@@ -136,6 +144,100 @@ class SolverThread:
             self._finalizer()
             self._thread.join()
         self._finalizer.detach()
+
+
+class SolverGreenlet:
+    """`solve(model)` run one model evaluation at a time as a greenlet on the caller's thread (`SolverThread`'s API).
+
+    `start()` returns the first `Ask` (or `Done`); `tell(output)` returns the next `Ask` or the final `Done`; an
+    exception of the solver is raised by `start`/`tell`; `close()` (or garbage collection) unwinds an unfinished run.
+    Both sides share the thread, so its inference mode and CUDA stream; the autograd mode (thread state, which
+    `fewstep.sample` sets for its loop) is swapped at every hand-off, so that neither side sees the other's.
+    """
+
+    def __init__(self, solve: Callable[[Model], torch.Tensor]):
+        if greenlet is None:
+            raise RuntimeError("SolverGreenlet needs the greenlet package (pip install greenlet); use SolverThread")
+        self._solve = solve
+        self._glet: Any = None
+        self._thread_id: int | None = None
+        self.pending: Ask | None = None
+        self.finished = False
+
+    def start(self) -> Ask | Done:
+        if self._glet is not None:
+            raise RuntimeError("SolverGreenlet.start() was already called")
+        self._glet = greenlet.greenlet(_run_greenlet)
+        self._thread_id = threading.get_ident()
+        return self._switch(self._solve)
+
+    def tell(self, output: torch.Tensor) -> Ask | Done:
+        if self.pending is None:
+            raise RuntimeError("no evaluation is pending: the run is finished or was not started")
+        if threading.get_ident() != self._thread_id:
+            raise RuntimeError("step() must be called from the thread that started this run (call set_timesteps there)")
+        self.pending = None
+        self._glet.parent = greenlet.getcurrent()  # answer to whichever greenlet of this thread called tell
+        return self._switch(output)
+
+    def _switch(self, value: Any) -> Ask | Done:
+        outer = torch.is_grad_enabled()
+        try:
+            message = self._glet.switch(value)
+        except BaseException:
+            self.finished = True
+            raise
+        finally:
+            _restore_grad_mode(outer)
+        if isinstance(message, Done):
+            self.finished = True
+        else:
+            self.pending = message
+        return message
+
+    def close(self) -> None:
+        """Unwind a run waiting for an output (no-op when finished or not started)."""
+        if self.pending is not None and threading.get_ident() == self._thread_id:
+            self.pending = None
+            outer = torch.is_grad_enabled()
+            try:
+                self._glet.throw()  # GreenletExit: the solver's `except Exception` does not catch it
+            finally:
+                _restore_grad_mode(outer)
+        self._glet = None  # (from another thread: greenlet unwinds it in its own thread when collected)
+
+
+def _run_greenlet(solve: Callable[[Model], torch.Tensor]) -> Done | None:
+    """The greenlet's body: `solve(model)` where model(x, t) hands (x, t) to the parent and resumes with its output."""
+    killer_mode: list[bool] = []
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        inner = torch.is_grad_enabled()
+        try:
+            output = greenlet.getcurrent().parent.switch(Ask(x, t))
+        except greenlet.GreenletExit:
+            killer_mode.append(torch.is_grad_enabled())  # the mode of whoever unwinds us, restored after unwinding
+            raise
+        _restore_grad_mode(inner)
+        return output
+
+    try:
+        return Done(solve(model))
+    except greenlet.GreenletExit:
+        if killer_mode:
+            _restore_grad_mode(killer_mode[0])
+        return None
+
+
+def _restore_grad_mode(mode: bool) -> None:
+    """Set autograd's mode to `mode` (only where it differs: `torch.set_grad_enabled` builds a context object)."""
+    if torch.is_grad_enabled() != mode:
+        torch.set_grad_enabled(mode)
+
+
+def solver_run(solve: Callable[[Model], torch.Tensor]) -> SolverGreenlet | SolverThread:
+    """`solve(model)` run one evaluation at a time: a `SolverGreenlet` where greenlet is installed, else a `SolverThread`."""
+    return SolverGreenlet(solve) if greenlet is not None else SolverThread(solve)
 
 
 @dataclass(frozen=True)

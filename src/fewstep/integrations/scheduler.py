@@ -3,17 +3,20 @@
 diffusers' scheduler contract (SchedulerMixin + ConfigMixin): `set_timesteps(n, device, timesteps=None, sigmas=None)`
 lists `timesteps`, one per network evaluation, in the model's convention; the pipeline calls the network at each and
 hands its output to `step(model_output, timestep, sample)`, which returns `prev_sample`, the next network input.
-Here `step` feeds the output to `fewstep.sample` itself, paused at every evaluation (`handoff.SolverThread`): the
-pipeline's loop runs exactly fewstep's solver, grid and final-step policy, so its output is `fewstep.sample`'s on
-the same model and grid (multistep, singlestep/Runge-Kutta with their intermediate times exposed as timesteps, and
-stochastic solvers drawing from the `generator` given to `step`). Every `set_timesteps` starts a new run (no state
-survives). The model conventions (betas, prediction type, flow shift, clipping) come from the pipeline's scheduler
-config (`conventions`). With `solver="auto"` the solver, steps and grid of each run are `fewstep.tuning.choose`'s
+Here `step` feeds the output to `fewstep.sample` itself, paused at every evaluation (`handoff.solver_run`: a
+greenlet, or a worker thread where greenlet is not installed): the pipeline's loop runs exactly fewstep's solver,
+grid and final-step policy, so its output is `fewstep.sample`'s on the same model and grid (multistep,
+singlestep/Runge-Kutta with their intermediate times exposed as timesteps, and stochastic solvers drawing from the
+`generator` given to `step`). Every `set_timesteps` starts a new run (no state survives; what it plans from its
+arguments alone, the grid and evaluation times, is kept for the next call with the same arguments). The model
+conventions (betas, prediction type, flow shift, clipping) come from the pipeline's scheduler config
+(`conventions`). With `solver="auto"` the solver, steps and grid of each run are `fewstep.tuning.choose`'s
 for the NFE budget `num_inference_steps` (a `fewstep tune` result given as `tuning=`, else `fewstep.recommended`).
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +37,7 @@ from ..solvers import get_solver
 from ..tuning import Tuning, choose, model_key
 from .conventions import MODEL_KEYS, Convention, as_mapping, canonical_config, convention, spacing_timesteps
 from .flow import FlowShift, shift_time
-from .handoff import Ask, Done, EvaluationPlan, SolverThread, evaluation_plan
+from .handoff import Ask, Done, EvaluationPlan, SolverGreenlet, SolverThread, evaluation_plan, solver_run
 
 UNSUPPORTED = {
     "dpm_adaptive": "it chooses its steps from the model's outputs, so its timesteps are not known before sampling",
@@ -44,6 +47,7 @@ BUDGETS = ("steps", "nfe")
 AUTO = "auto"  # solver: the tuned configuration per NFE budget (fewstep.tuning.choose)
 PIPELINE_SPACING = "diffusers"  # schedule name: the config's timestep_spacing (DiscreteVP) / the shifted grid (flow)
 TIMESTEP_TOLERANCE = 1e-5  # relative: a timestep passed to step() must match the expected one this closely
+PLANNED_RUNS_KEPT = 8  # set_timesteps results kept per scheduler (a pipeline calls it with the same arguments each time)
 
 
 @dataclass
@@ -159,6 +163,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._budget = budget or ("nfe" if solver == AUTO else "steps")
         self._stochastic = solver != AUTO and get_solver(solver).stochastic
         self.choice: dict[str, Any] | None = None
+        self._planned_runs: dict[tuple, _PlannedRun] = {}
         self.set_tuning(tuning, model)
         self._reset()
         self.timesteps: torch.Tensor | None = None
@@ -204,6 +209,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 raise TypeError(f"tuning must be a fewstep Tuning or the path of its JSON file, got {type(tuning).__name__}")
             tuning = Tuning.load(tuning)
         self._tuning, self._keyed, self._model_checked = tuning, _keyed(model, tuning), model is not None
+        self._planned_runs = {}  # planned with the previous tuning
         if tuning is not None and not self.config.use_dynamic_shifting:
             conv = self._convention
             tuning.check(model_key(self._keyed), conv.process, conv.prediction)
@@ -218,7 +224,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         thread = getattr(self, "_thread", None)
         if thread is not None:
             thread.close()
-        self._thread: SolverThread | None = None
+        self._thread: SolverGreenlet | SolverThread | None = None
         self._plan: EvaluationPlan | None = None
         self._grid: torch.Tensor | None = None
         self._denoise = self.config.denoise_to_zero
@@ -288,6 +294,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         values cost n evaluations with a one-evaluation-per-step solver, as in diffusers. `mu`: the dynamic shift of a
         flow (FLUX). `self.timesteps` then lists the model timestep of every network evaluation, in order."""
         self._reset()
+        key = _run_key(num_inference_steps, timesteps, sigmas, mu)
+        planned = self._planned_runs.get(key) if key is not None else None
+        if planned is None:
+            planned = self._new_run(num_inference_steps, timesteps, sigmas, mu)
+            if key is not None:
+                if len(self._planned_runs) >= PLANNED_RUNS_KEPT:
+                    self._planned_runs.pop(next(iter(self._planned_runs)))
+                self._planned_runs[key] = planned
+        self._apply(planned, device)
+
+    def _new_run(self, num_inference_steps, timesteps, sigmas, mu) -> _PlannedRun:
+        """Everything a run needs before its first step (grid, evaluation plan, coefficients, timesteps), on the host."""
         conv = self._convention_for(mu)
         if self.config.solver == AUTO:
             if timesteps is not None or sigmas is not None:
@@ -300,19 +318,32 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             grid, denoise = self._given_grid(conv, num_inference_steps, timesteps, sigmas), self.config.denoise_to_zero
         else:
             grid, denoise = self._planned_grid(conv, num_inference_steps)
-        self._convention, self._grid, self._denoise = conv, grid, denoise
-        self._plan = self._plan_for(grid)
-        times = torch.tensor(self._plan.times, dtype=torch.float64)
-        self._coefficients = _coefficients(conv.process, times)
-        self.num_inference_steps = len(grid) - 1
-        self.order = self._plan.per_step() or 1
-        dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64  # no float64 on MPS
-        self._timestep_values = conv.timestep(times).tolist()
-        self.timesteps = conv.timestep(times).to(device=device, dtype=dtype)
+        self._convention, self._denoise = conv, denoise
+        plan = self._plan_for(grid)
+        times = torch.tensor(plan.times, dtype=torch.float64)
         process = conv.process
         ends_at_data = denoise or float(process.sigma(float(grid[-1]))) == 0
-        self.sigmas = _pipeline_sigmas(conv, torch.cat([times, grid[-1:]]), ends_at_data)
-        self.init_noise_sigma = float(process.sigma(float(grid[0])))
+        model_timesteps = conv.timestep(times)
+        return _PlannedRun(
+            convention=conv, grid=grid, denoise=denoise, plan=plan, solver=self._solver, options=self._options,
+            stochastic=self._stochastic, choice=self.choice, coefficients=_coefficients(process, times),
+            timestep_values=model_timesteps.tolist(), timesteps=model_timesteps,
+            sigmas=_pipeline_sigmas(conv, torch.cat([times, grid[-1:]]), ends_at_data),
+            init_noise_sigma=float(process.sigma(float(grid[0]))),
+        )  # fmt: skip
+
+    def _apply(self, planned: _PlannedRun, device: str | torch.device | None) -> None:
+        """Make `planned` the current run (the pipeline-visible tensors are fresh copies, on `device`)."""
+        self._convention, self._grid, self._denoise, self._plan = planned.convention, planned.grid, planned.denoise, planned.plan
+        self._solver, self._options, self._stochastic = planned.solver, planned.options, planned.stochastic
+        self.choice = None if planned.choice is None else dict(planned.choice)
+        self._coefficients, self._timestep_values = planned.coefficients, planned.timestep_values
+        self.num_inference_steps = len(planned.grid) - 1
+        self.order = planned.plan.per_step() or 1
+        dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64  # no float64 on MPS
+        self.timesteps = planned.timesteps.to(device=device, dtype=dtype, copy=True)
+        self.sigmas = planned.sigmas.clone()
+        self.init_noise_sigma = planned.init_noise_sigma
 
     def _auto_grid(self, conv: Convention, num_inference_steps: int | None) -> tuple[torch.Tensor, bool]:
         """solver="auto": the grid and final denoising of `choose`'s plan for NFE num_inference_steps; sets the run's
@@ -419,7 +450,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         x = ask.x
         if sample is not self._handed and sample is not x:
             x.copy_(sample)  # the pipeline's latents are the state (the start, or latents it changed)
-        out = model_output.to(x.dtype)
+        out = model_output if model_output.dtype == x.dtype else model_output.to(x.dtype)
         x0 = to_x0_eps(out, conv.prediction, x, self._coefficients[k])[0]
         x0 = conv.x0_fn(x0) if conv.x0_fn is not None else x0
         message = self._thread.tell(out)
@@ -427,8 +458,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         last = k + 1 == len(self._plan.times)
         if isinstance(message, Done) != last:
             raise RuntimeError(f"the solver's evaluations diverged from its plan at evaluation {k} (a fewstep bug)")
-        prev = message.x.to(sample.dtype)
-        x0 = x0.to(sample.dtype)
+        prev = message.x if message.x.dtype == sample.dtype else message.x.to(sample.dtype)
+        x0 = x0 if x0.dtype == sample.dtype else x0.to(sample.dtype)
         self._handed = prev
         if not return_dict:
             return prev, x0
@@ -460,13 +491,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             if timestep.numel() != 1:
                 shape = tuple(timestep.shape)
                 raise ValueError(f"timestep must be one timestep (the whole batch is at one time), got shape {shape}")
-            if timestep.device.type != "cpu" and self._offset_in_timesteps(timestep) == k:
-                return None
+            ts = self.timesteps
+            if timestep.dtype == ts.dtype and timestep.data_ptr() == ts.data_ptr() + k * ts.element_size():
+                return None  # the pipeline's `for t in scheduler.timesteps`: element k itself, nothing to check
             return float(timestep.reshape(()).item())
-        try:
+        if isinstance(timestep, numbers.Real) and not isinstance(timestep, bool):
             return float(timestep)
-        except (TypeError, ValueError):
-            raise ValueError(f"timestep must be a number or a one-element tensor, got {type(timestep).__name__}") from None
+        raise ValueError(f"timestep must be a number or a one-element tensor, got {type(timestep).__name__}")
 
     def _offset_in_timesteps(self, timestep: Any) -> int | None:
         """The index of `timestep` in `self.timesteps` when it is a one-element view of it (no device sync), else None."""
@@ -484,7 +515,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             if offset:
                 self.set_begin_index(offset)
             return offset
-        value = float(torch.as_tensor(timestep).reshape(-1)[0].item())
+        value = self._timestep_value(timestep, -1)  # a float (a Python number is not rounded to float32 first)
         for k in self._plan.step_starts:
             expected = self._cpu_timestep(k)
             if abs(value - expected) <= TIMESTEP_TOLERANCE * max(1.0, abs(expected)):
@@ -500,7 +531,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """Start fewstep.sample in the worker from `sample` at the grid time of evaluation k; returns its first ask."""
         conv, plan = self._convention, self._plan
         grid = self._grid[plan.step_starts.index(k) :]
-        noise = sample.detach().to(_internal_dtype(sample.dtype)) / float(conv.process.sigma(float(grid[0])))
+        noise = sample.detach().to(_internal_dtype(sample.dtype)) / self._coefficients[k].sigma  # sigma at grid[0]
         options, denoise, solver = self._options, self._denoise, self._solver
         source = self._generator if self._stochastic else None
 
@@ -509,7 +540,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                                   steps=len(grid) - 1, schedule=grid, denoise_to_zero=denoise, generator=source,
                                   x0_fn=conv.x0_fn, **options)  # fmt: skip
 
-        self._thread = SolverThread(solve)
+        self._thread = solver_run(solve)
         first = self._thread.start()
         if not isinstance(first, Ask):
             raise RuntimeError("the solver finished without evaluating the model (a fewstep bug)")
@@ -553,6 +584,37 @@ def _keyed(model: Any, tuning: Tuning | None) -> Any:
         return _Key(tuning.model) if tuning is not None else None
     model_key(model)  # a TuningError now for a model that has no key
     return model
+
+
+@dataclass(frozen=True)
+class _PlannedRun:
+    """What `set_timesteps` computes for one set of arguments, kept for the next call with the same ones (host only)."""
+
+    convention: Convention
+    grid: torch.Tensor
+    denoise: bool
+    plan: EvaluationPlan
+    solver: str
+    options: dict[str, Any]
+    stochastic: bool
+    choice: dict[str, Any] | None
+    coefficients: list[Coefficients]
+    timestep_values: list[float]
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    init_noise_sigma: float
+
+
+def _run_key(num_inference_steps: Any, timesteps: Any, sigmas: Any, mu: Any) -> tuple | None:
+    """The set_timesteps arguments as a hashable key (None where they cannot be one: then nothing is kept)."""
+    try:
+        values = [None if v is None else tuple(torch.as_tensor(v).detach().to("cpu", torch.float64).flatten().tolist())
+                  for v in (timesteps, sigmas)]  # fmt: skip
+        key = (type(num_inference_steps), num_inference_steps, *values, type(mu), mu)  # 5 and 5.0 / True: not one key
+        hash(key)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return key
 
 
 def _check_solver(solver: str, options: dict[str, Any]) -> None:
