@@ -11,6 +11,7 @@ round-tripped through `save_pretrained` / `from_pretrained` of a local folder.
 - `DDIMPipeline` with a `UNet2DModel` (it passes eta and use_clipped_model_output to step).
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -307,3 +308,35 @@ def test_model_folders_the_loader_cannot_use_are_named(sd_pipe, tmp_path):
     (tmp_path / "index" / "model_index.json").write_text('{"scheduler": ["diffusers", "DDPMScheduler"]}')
     with pytest.raises(ValueError, match="names no unet"):
         load_diffusers_folder(tmp_path / "index")
+
+
+def test_a_fewstep_model_saved_as_a_diffusers_pipeline_reloads_and_samples_as_fewstep_does(tmp_path):
+    from diffusers import DDPMPipeline
+    from typer.testing import CliRunner
+
+    import fewstep
+    from fewstep.cli import app
+    from fewstep.integrations.export import FewstepUNet, to_pipeline
+    from fewstep.shipped import load_model
+    from fewstep.tuning import model_key
+
+    loaded = load_model("digits_vp")
+    to_pipeline(loaded).save_pretrained(tmp_path / "pipe")
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
+    assert isinstance(pipe.unet, FewstepUNet) and model_key(pipe.unet) == model_key(loaded.model)  # its tuning applies
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    k = torch.tensor([0, 417, 999])
+    torch.testing.assert_close(pipe.unet(x, k).sample, loaded.model(x, (k + 1) / 1000), rtol=0, atol=0)
+    # the pipeline with FewstepScheduler(solver="auto") and the shipped tuning = fewstep.sample(solver="auto")
+    pipe.scheduler = fewstep.FewstepScheduler.from_config(pipe.scheduler.config, solver="auto", tuning=loaded.model.tuning,
+                                                          model=pipe.unet)  # fmt: skip
+    images = pipe(batch_size=4, generator=torch.Generator().manual_seed(1), num_inference_steps=5, output_type="np").images
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    direct = fewstep.sample(loaded.model, noise, process=loaded.process, prediction="eps", solver="auto", nfe=5)
+    assert direct.choice["source"] == "tuned"
+    expected = (direct / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(images, expected, atol=2e-5)
+    result = CliRunner().invoke(app, ["sample", "--model", str(tmp_path / "pipe"), "--steps", "4", "--n", "3",
+                                      "--out", str(tmp_path / "x.npy")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "x.npy").shape == (3, 1, 8, 8)

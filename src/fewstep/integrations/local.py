@@ -30,7 +30,7 @@ from .diffusers_model import DiffusersModel
 PIPELINE_INDEX = "model_index.json"
 MODEL_CONFIG = "config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
-SUPPORTED_NETS = ("UNet2DModel",)
+SUPPORTED_NETS = ("UNet2DModel", "FewstepUNet")  # FewstepUNet: a fewstep model saved as a diffusers model (export.py)
 LATENT_PARTS = ("vae", "vqvae")
 
 
@@ -104,16 +104,18 @@ def load_diffusers_folder(
     try:
         # low_cpu_mem_usage needs accelerate; asking for it only when installed keeps diffusers from warning
         low_memory = importlib.util.find_spec("accelerate") is not None
-        net = diffusers.UNet2DModel.from_pretrained(
-            net_dir, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=low_memory
-        )
+        if name == "FewstepUNet":
+            from .export import FewstepUNet as net_class
+        else:
+            net_class = diffusers.UNet2DModel
+        net = net_class.from_pretrained(net_dir, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=low_memory)
     except OSError as err:
-        raise ValueError(f"cannot load the UNet2DModel in {net_dir}: {err}") from None
+        raise ValueError(f"cannot load the {name} in {net_dir}: {err}") from None
     net = net.eval().requires_grad_(False)
     conv = convention(config)
     size = net.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    classes = net.config.num_class_embeds
+    classes = net.config.get("num_class_embeds")  # (none for a FewstepUNet)
     return FolderModel(DiffusersModel(net, conv), conv.process, conv.prediction, conv.x0_fn, (net.config.in_channels, *size),
                        int(classes) if classes is not None else None, folder)  # fmt: skip
 
