@@ -13,12 +13,17 @@ from .sampling import sample, solvers
 from .schedule_search import SearchedSchedule, optimize_schedule
 from .solvers.dc_solver import dc_calibrate
 from .solvers.dpmv3 import ModelStatistics, v3_statistics
+from .steer import FK, invert
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
     """`fewstep.FewstepScheduler` on first use (it imports diffusers, an optional dependency)."""
+    if name == "accel":  # fewstep.accel (caching, compile, quantization, stitching) on first use: it imports the nets
+        import importlib
+
+        return importlib.import_module(".accel", __name__)
     if name == "FewstepScheduler":
         from .integrations.scheduler import FewstepScheduler
 
@@ -30,6 +35,7 @@ __all__ = [
     "BrownianTreeNoise",
     "EDM",
     "FewstepScheduler",
+    "FK",
     "FlowShift",
     "PREDICTIONS",
     "SCHEDULES",
@@ -55,6 +61,7 @@ __all__ = [
     "dc_calibrate",
     "from_diffusers",
     "from_k_diffusion",
+    "invert",
     "mixture_nd",
     "nfe_for_steps",
     "optimize_schedule",

@@ -365,6 +365,14 @@ from .distill.cli import bench_distill_command, distill_command  # noqa: E402
 app.command("distill")(distill_command)
 bench_app.command("distill")(bench_distill_command)
 
+from .tools.bench_speed import bench_speed_command  # noqa: E402
+
+bench_app.command("speed")(bench_speed_command)
+
+from .tools.bench_steer import bench_steer_command  # noqa: E402
+
+bench_app.command("steer")(bench_steer_command)
+
 
 def main() -> None:
     app()

@@ -43,6 +43,7 @@ def sample(
     nfe: int | None = None,
     tuning: Tuning | str | os.PathLike | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    steering: Any = None,
     **options: Any,
 ) -> torch.Tensor:
     """Sample from a diffusion or flow model with `steps` solver steps; returns x0 [batch, ...].
@@ -69,8 +70,19 @@ def sample(
         and options are not used): the model's tuned configuration at that NFE (`fewstep tune`; `tuning` = a
         `fewstep.Tuning` or its file, else the tuning a loaded checkpoint carries) when it matches the model, process
         and prediction, else `fewstep.recommended(nfe, process)`. The result's attribute `choice` says which, and why.
+    steering: a particle method, `fewstep.steer.FK(reward, lam=..., particles=K)` (Feynman-Kac steering): noise then
+        holds B * K particles, the solver must be stochastic, and the result is [B, ...] (see `fewstep.steer`).
     The result carries the number of network evaluations used as the attribute `nfe`.
     """
+    if steering is not None:  # the particle method calls sample itself, on its particles
+        if not callable(getattr(steering, "steer", None)):
+            raise TypeError(f"steering must be None or a fewstep.steer.FK, got {type(steering).__name__}")
+        if nfe is not None or tuning is not None:
+            raise ValueError("steering needs a named stochastic solver and steps; nfe and tuning are not used with it")
+        return steering.steer(model, noise, process=process, prediction=prediction, solver=solver, steps=steps,
+                              schedule=schedule, t_start=t_start, t_end=t_end, denoise_to_zero=denoise_to_zero,
+                              generator=generator, callback=callback, progress=progress, differentiable=differentiable,
+                              x0_fn=x0_fn, model_kwargs=model_kwargs, **options)  # fmt: skip
     _check_scalar_time("t_start", t_start)
     _check_scalar_time("t_end", t_end)
     if solver == "auto":

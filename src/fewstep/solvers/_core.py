@@ -2,7 +2,8 @@
 
 A solver is a function `solver(run, x, **options) -> x` registered with `@register(name, order=...)`. It walks the
 time grid `run.t[0] > ... > run.t[-1]`, calls the network through `run.denoise(x, i)` / `run.denoise_at(x, t)`,
-and reports each finished step with `run.report(i, x, prediction)`. All per-time coefficients (alpha, sigma,
+and reports each finished step with `x = run.report(i, x, prediction, *history)` (which may reindex the
+particles: see `Run.report`). All per-time coefficients (alpha, sigma,
 log-SNR, derivatives) are precomputed once in float64 as Python floats, so the loop creates no device tensors
 and never synchronises with the device.
 """
@@ -137,14 +138,21 @@ class Run:
         """Mark step i as in progress (for error messages); `range` does this, solvers with their own loop call it."""
         self.denoiser.step = i
 
-    def report(self, i: int, x: torch.Tensor, prediction: Prediction | None) -> None:
-        """Call the user's callback after step i (x is now at time t[i + 1]).
+    def report(self, i: int, x: torch.Tensor, prediction: Prediction | None, *state: Any) -> Any:
+        """Call the user's callback after step i (x is now at time t[i + 1]); returns x, or (x, *state).
+
+        The callback may return a LongTensor of indices [batch] (particle resampling, `fewstep.steer`): the run then
+        continues from x[index], and every per-sample tensor of the solver's carried `state` (its multistep history:
+        tensors [batch, ...], or lists / tuples / dicts of them) is reindexed alike, so that a particle keeps its own
+        history. Solvers write `x = run.report(i, x, pred)` or `x, history = run.report(i, x, pred, history)`.
+        Any other return value of the callback is ignored.
 
         The state's finiteness needs no flag here: x is the input of the next evaluation, whose flag the Denoiser
         records, and `sample` flags the final output (one reduction per evaluation saved).
         """
+        index = None
         if self.callback is not None:
-            self.callback(
+            index = self.callback(
                 {
                     "step": i,
                     "t": self.t[i + 1],
@@ -153,6 +161,16 @@ class Run:
                     "nfe": self.denoiser.nfe,
                 }
             )
+        if isinstance(index, torch.Tensor):
+            batch = x.shape[0]
+            if index.dtype not in (torch.int64, torch.int32) or index.shape != (batch,):
+                raise ValueError(
+                    f"a callback may return particle indices as an integer tensor of shape [{batch}], got a "
+                    f"{index.dtype} tensor of shape {tuple(index.shape)}"
+                )
+            index = index.to(device=x.device, dtype=torch.int64)
+            x, state = x.index_select(0, index), tuple(reindex(s, index, batch) for s in state)
+        return (x, *state) if state else x
 
     def order_at(self, i: int, order: int) -> int:
         """Effective order of multistep step i -> i+1 for a method of the given order.
@@ -219,3 +237,18 @@ class Run:
     def velocity(self, pred: Prediction, i: int) -> torch.Tensor:
         """Probability-flow ODE drift dx/dt = alpha'(t) x0 + sigma'(t) eps at grid point i."""
         return self.dalpha[i] * pred.x0 + self.dsigma[i] * pred.eps
+
+
+def reindex(state: Any, index: torch.Tensor, batch: int) -> Any:
+    """`state` with every tensor [batch, ...] in it replaced by its rows `index` (lists, tuples, named tuples and dicts
+    are walked; other values, and tensors without the batch axis, are kept as they are)."""
+    if isinstance(state, torch.Tensor):
+        return state.index_select(0, index) if state.ndim >= 1 and state.shape[0] == batch else state
+    if isinstance(state, list):
+        return [reindex(s, index, batch) for s in state]
+    if isinstance(state, tuple):
+        items = [reindex(s, index, batch) for s in state]
+        return type(state)(*items) if hasattr(state, "_fields") else tuple(items)
+    if isinstance(state, dict):
+        return {k: reindex(v, index, batch) for k, v in state.items()}
+    return state

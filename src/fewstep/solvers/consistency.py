@@ -26,7 +26,7 @@ def consistency(run: Run, x: torch.Tensor, *, gamma: float = 1.0) -> torch.Tenso
             x = pred.x0
         else:
             x = run.alpha[i + 1] * pred.x0 + run.sigma[i + 1] * _mixed_noise(run, i, x, pred.eps, gamma)
-        run.report(i, x, pred)
+        x = run.report(i, x, pred)
     return x
 
 

@@ -125,7 +125,7 @@ def dc_solver(
         else:
             ratio = ratios[i]
         x, history, new = pc_step(run, i, x, history, order, ratio, dc_order)
-        run.report(i, x, new if new is not None else pred)
+        x, history = run.report(i, x, new if new is not None else pred, history)
     return x
 
 

@@ -14,5 +14,5 @@ def ddim(run: Run, x: torch.Tensor) -> torch.Tensor:
     for i in run.range():
         pred = run.denoise(x, i)
         x = run.ddim_step(i, pred)
-        run.report(i, x, pred)
+        x = run.report(i, x, pred)
     return x

@@ -19,5 +19,5 @@ def ddim_eta(run: Run, x: torch.Tensor, *, eta: float = 1.0) -> torch.Tensor:
     for i in run.range():
         pred = run.denoise(x, i)
         x = ancestral_step(run, i, x, pred, *eta_coefficients(run, i, eta))
-        run.report(i, x, pred)
+        x = run.report(i, x, pred)
     return x

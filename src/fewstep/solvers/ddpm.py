@@ -33,5 +33,5 @@ def ddpm(run: Run, x: torch.Tensor, *, variance: str = "posterior") -> torch.Ten
     for i in run.range():
         pred = run.denoise(x, i)
         x = ddpm_step(run, i, x, pred, variance)
-        run.report(i, x, pred)
+        x = run.report(i, x, pred)
     return x

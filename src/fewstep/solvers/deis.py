@@ -61,5 +61,5 @@ def deis(run: Run, x: torch.Tensor, *, order: int = 3) -> torch.Tensor:
             x = run.ddim_step(i, pred)
         else:
             x = run.alpha[i + 1] / run.alpha[i] * x - run.sigma[i + 1] * combine(weights, eps[: len(weights)])
-        run.report(i, x, pred)
+        x, eps = run.report(i, x, pred, eps)
     return x

@@ -37,5 +37,5 @@ def dpm_2(run: Run, x: torch.Tensor) -> torch.Tensor:
             eps_mid = run.denoise_at(c.alpha * pred.x0 + c.sigma * pred.eps, t_mid).eps
             alpha_to, sigma_to = run.alpha[i + 1], run.sigma[i + 1]
             x = (alpha_to / run.alpha[i]) * x + (sigma_to - alpha_to * run.sigma[i] / run.alpha[i]) * eps_mid
-        run.report(i, x, pred)
+        x = run.report(i, x, pred)
     return x

@@ -123,5 +123,5 @@ def dpm_adaptive(
         x = torch.cat([_solve(run, x[b : b + 1], order, rtol, atol, h_init) for b in range(x.shape[0])])
     else:
         x = _solve(run, x, order, rtol, atol, h_init)
-    run.report(run.steps - 1, x, None)
+    x = run.report(run.steps - 1, x, None)
     return x

@@ -61,7 +61,7 @@ def multistep(run: Run, x: torch.Tensor, *, order: int, kind: str, third_order: 
             x = step(x, s, t, derivs, kind)
             if kind == "sde":
                 x = x + sde_noise_scale(s, t) * run.noise_like(x, i)
-        run.report(i, x, pred)
+        x, ms = run.report(i, x, pred, ms)
     return x
 
 

@@ -104,7 +104,7 @@ def singlestep(run: Run, x: torch.Tensor, *, order: int, kind: str, solver_type:
         else:
             x = singlestep_update(run, x, pred, nodes, kind, solver_type)
         i += g
-        run.report(i - 1, x, pred)
+        x = run.report(i - 1, x, pred)
     run.begin_step(run.steps)
     return x
 

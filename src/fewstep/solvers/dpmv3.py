@@ -367,6 +367,6 @@ def dpm_solver_v3(
             if plan.corrector[i] is not None:
                 x_next = _apply(run, i, x, plan.corrector[i], [f_new, *fs])
             fs = [f_new, *fs[:2]]
-        run.report(i, x_next, pred)
+        x_next, fs, new = run.report(i, x_next, pred, fs, new)
         x, pred = x_next, new
     return x

@@ -66,5 +66,5 @@ def edm_sde(
             x = (c.alpha / run.alpha[i]) * x + (c.alpha * std) * run.noise_like(x, i)
             pred = run.denoise_at(x, t_hat)
             x = edm_heun_step(run, i, x, pred, c.alpha, c.sigma)
-        run.report(i, x, pred)
+        x = run.report(i, x, pred)
     return x

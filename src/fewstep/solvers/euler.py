@@ -26,5 +26,5 @@ def euler(run: Run, x: torch.Tensor, *, space: str = "time") -> torch.Tensor:
             x = run.ddim_step(i, pred)
         else:
             x = x + (run.t[i + 1] - run.t[i]) * run.velocity(pred, i)
-        run.report(i, x, pred)
+        x = run.report(i, x, pred)
     return x

@@ -21,5 +21,5 @@ def euler_ancestral(run: Run, x: torch.Tensor, *, eta: float = 1.0, s_noise: flo
         pred = run.denoise(x, i)
         eps_coef, noise_std = eta_coefficients(run, i, eta)
         x = ancestral_step(run, i, x, pred, eps_coef, s_noise * noise_std)
-        run.report(i, x, pred)
+        x = run.report(i, x, pred)
     return x

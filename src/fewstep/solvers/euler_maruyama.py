@@ -51,5 +51,5 @@ def euler_maruyama(run: Run, x: torch.Tensor) -> torch.Tensor:
     for i in run.range():
         pred = run.denoise(x, i)
         x = reverse_sde_step(run, i, x, pred, sde_diffusion(run, i))
-        run.report(i, x, pred)
+        x = run.report(i, x, pred)
     return x

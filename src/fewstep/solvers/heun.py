@@ -37,7 +37,7 @@ def heun(run: Run, x: torch.Tensor, *, space: str = "time") -> torch.Tensor:
         pred = run.denoise(x, i)
         if space == "edm":
             x = edm_heun_step(run, i, x, pred, run.alpha[i], run.sigma[i])
-            run.report(i, x, pred)
+            x = run.report(i, x, pred)
             continue
         dt = run.t[i + 1] - run.t[i]
         d = run.velocity(pred, i)
@@ -47,5 +47,5 @@ def heun(run: Run, x: torch.Tensor, *, space: str = "time") -> torch.Tensor:
         else:
             d_next = run.velocity(run.denoise(x_euler, i + 1), i + 1)
             x = x + dt * 0.5 * (d + d_next)
-        run.report(i, x, pred)
+        x = run.report(i, x, pred)
     return x

@@ -22,5 +22,5 @@ def interpolant_sde(run: Run, x: torch.Tensor, *, diffusion: float = 1.0) -> tor
     for i in run.range():
         pred = run.denoise(x, i)
         x = reverse_sde_step(run, i, x, pred, diffusion * run.sigma[i])
-        run.report(i, x, pred)
+        x = run.report(i, x, pred)
     return x

@@ -49,5 +49,5 @@ def lms(run: Run, x: torch.Tensor, *, order: int = 4) -> torch.Tensor:
             weights = lagrange_weights(s, s[0], math.exp(-run.log_snr[i + 1]))
             alpha_to = run.alpha[i + 1]
             x = (alpha_to / run.alpha[i]) * x + sum(alpha_to * w * e for w, e in zip(weights, eps_history[:k], strict=True))
-        run.report(i, x, pred)
+        x, eps_history = run.report(i, x, pred, eps_history)
     return x

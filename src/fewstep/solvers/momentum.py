@@ -57,7 +57,7 @@ def hb(run: Run, x: torch.Tensor, *, beta: float = 0.8, order: int = 2) -> torch
         v = d if v is None else (1 - beta) * v + beta * d
         x = data_step(run, i, x, v)
         prev = pred
-        run.report(i, x, pred)
+        x, v, prev = run.report(i, x, pred, v, prev)
     return x
 
 
@@ -99,5 +99,5 @@ def ghvb(run: Run, x: torch.Tensor, *, order: float = 1.8) -> torch.Tensor:
         ke = run.order_at(i, k)
         base = weights(run, i, [i - j for j in range(ke)])
         x = data_step(run, i, x, combine(ghvb_weights(base, beta), velocities[:ke]))
-        run.report(i, x, pred)
+        x, velocities = run.report(i, x, pred, velocities)
     return x

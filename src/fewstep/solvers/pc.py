@@ -78,5 +78,5 @@ def pc(
             x = langevin_step(run, i, x, run.denoise(x, i), snr, norms, k, parts)
         pred = run.denoise(x, i)
         x = predictor_step(run, i, x, pred, predictor, corrector_steps, parts)
-        run.report(i, x, pred)
+        x = run.report(i, x, pred)
     return x

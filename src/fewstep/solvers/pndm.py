@@ -80,7 +80,7 @@ def run_linear_multistep(run: Run, x: torch.Tensor, order: int, warmup_steps: in
             x = warmup(run, i, x, pred)
         else:
             x = multistep(run, i, x, pred, eps, run.order_at(i, order))
-        run.report(i, x, pred)
+        x, eps = run.report(i, x, pred, eps)
     return x
 
 

@@ -119,5 +119,5 @@ def time_shift(
                 h = run.log_snr[i + 1] - lam
                 x_next = x_next - run.alpha[i + 1] * _expm1(-h) * (pred.x0 - prev_x0) * h / (2 * (lam - prev_lam))
         x, prev_x0, prev_lam = x_next, pred.x0, lam
-        run.report(i, x, pred)
+        x, prev_x0, prev_lam = run.report(i, x, pred, prev_x0, prev_lam)
     return x

@@ -97,5 +97,5 @@ def unipc(run: Run, x: torch.Tensor, *, order: int = 2, variant: str = "bh2", co
         p = run.order_at(i, order)
         x_prev, order_prev = x, p
         x = update(run, i, x, x0s[-p:], p, variant, None)
-        run.report(i, x, pred)
+        x, x_prev, x0s = run.report(i, x, pred, x_prev, x0s)
     return x
