@@ -24,8 +24,19 @@ Papers: Song et al. (2023), Song & Dhariwal (2024), Geng et al. (2024), Salimans
 from ..train.objective import TABLE_CHECKS, register_objective
 from .config import distill_config
 from .consistency import ConsistencyObjective, l2_distance, pseudo_huber_distance
-from .options import METHODS, ConsistencyOptions, ProgressiveOptions, check_config_table, parse_table
+from .dmd import DistributionMatchingObjective, dmd_gradient, dmd_loss, sid_loss
+from .options import (
+    METHODS,
+    ConsistencyOptions,
+    MatchingOptions,
+    ProgressiveOptions,
+    ReflowOptions,
+    check_config_table,
+    parse_table,
+)
+from .pairs import PairError, load_pairs, write_pairs
 from .progressive import ProgressiveObjective, truncated_snr
+from .reflow import ReflowObjective, straightness
 from .schedules import (
     draw_continuous,
     draw_discrete,
@@ -42,6 +53,9 @@ from .teacher import Teacher, load_teacher
 for _method in ("cd", "ct", "ect"):
     register_objective(_method, ConsistencyObjective)
 register_objective("pd", ProgressiveObjective)
+for _method in ("dmd", "sid"):
+    register_objective(_method, DistributionMatchingObjective)
+register_objective("reflow", ReflowObjective)
 if check_config_table not in TABLE_CHECKS:
     TABLE_CHECKS.append(check_config_table)
 
@@ -49,18 +63,26 @@ __all__ = [
     "METHODS",
     "ConsistencyObjective",
     "ConsistencyOptions",
+    "DistributionMatchingObjective",
+    "MatchingOptions",
+    "PairError",
     "ProgressiveObjective",
     "ProgressiveOptions",
+    "ReflowObjective",
+    "ReflowOptions",
     "Teacher",
     "consistency_config",
     "ddim_step",
     "distill_config",
+    "dmd_gradient",
+    "dmd_loss",
     "draw_continuous",
     "draw_discrete",
     "ect_gap",
     "ict_intervals",
     "karras_sigmas",
     "l2_distance",
+    "load_pairs",
     "load_teacher",
     "parse_table",
     "prediction_pair",
@@ -68,9 +90,12 @@ __all__ = [
     "pseudo_huber_distance",
     "sample_student",
     "scaled_sigma",
+    "sid_loss",
     "stored_times",
+    "straightness",
     "student_plan",
     "teacher_step",
     "time_of",
     "truncated_snr",
+    "write_pairs",
 ]

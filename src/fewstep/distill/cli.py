@@ -4,6 +4,7 @@
     fewstep distill --method cd --teacher digits_flow --steps 4000 --out runs/cd
     fewstep distill --method pd --teacher digits_cosine_v --set distill.start_steps=16 --set distill.steps_per_round=500
     torchrun --standalone --nproc_per_node 2 -m fewstep.cli distill --method ect --teacher digits_flow --config ect.toml
+    fewstep distill --config configs/distill_dmd_flow.toml      # DMD from the CD student; FD probe in metrics.json
 
 The config (TOML file, flags, `--set key=value`) is a training config with a `[distill]` table; process, network,
 prediction and data default to the teacher's.
@@ -52,7 +53,7 @@ def build_config(config: Path | None, flags: dict[str, Any], overrides: list[str
     method, teacher = method or table.get("method"), teacher or table.get("teacher")
     table = {k: v for k, v in table.items() if k not in ("method", "teacher")}
     if method is None:
-        raise typer.BadParameter("give the method: --method cd, ct, ect or pd", param_hint="--method")
+        raise typer.BadParameter("give the method: --method cd, ct, ect, pd, dmd, sid or reflow", param_hint="--method")
     if teacher is None:
         raise typer.BadParameter("give the teacher: a shipped model name or a checkpoint path", param_hint="--teacher")
     try:
@@ -65,7 +66,7 @@ def build_config(config: Path | None, flags: dict[str, Any], overrides: list[str
 
 
 def distill_command(
-    method: Annotated[str | None, typer.Option(help="Distillation method: cd, ct, ect, pd.")] = None,
+    method: Annotated[str | None, typer.Option(help="Distillation method: cd, ct, ect, pd, dmd, sid, reflow.")] = None,
     teacher: Annotated[str | None, typer.Option(help="Teacher: a shipped model name or a checkpoint path.")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file: training keys and a [distill] table.")] = None,
     steps: Annotated[int | None, typer.Option(help="Total number of optimisation steps.")] = None,
@@ -79,7 +80,8 @@ def distill_command(
         list[str] | None, typer.Option("--set", "-s", help="Override any config key: key=value (distill.target_decay=0.9).")
     ] = None,
 ) -> None:
-    """Distil a teacher into a few-step student (consistency distillation/training, ECT, progressive distillation)."""
+    """Distil a teacher into a few-step student (consistency distillation/training, ECT, progressive distillation,
+    distribution matching DMD/SiD) or retrain it on its own coupling (reflow)."""
     from ..train.distributed import finish_distributed
     from ..train.trainer import NonFiniteLossError
 

@@ -6,6 +6,8 @@ al., 2024); the method picks where x_r comes from and the defaults:
 - "ct": x_r from the same noise; iCT: N 10 -> 1280, pseudo-Huber, weight 1/(s_t - s_r), lognormal, no EMA target;
 - "ect": as "ct" with ECT's continuous r-schedule (q = 2, k = 8, b = 1, 8 stages), starting from the diffusion loss.
 "pd": progressive distillation (Salimans & Ho, 2022), rounds from `start_steps` down to `end_steps`.
+"dmd", "sid": distribution matching (Yin et al., 2024; Zhou et al., 2024), `fewstep.distill.dmd`; "reflow": a velocity
+model retrained on coupled (noise, teacher sample) pairs (Liu et al., 2023), `fewstep.distill.reflow`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from ..checks import check_int, check_real
 from ..grids import SCHEDULES
 from ..train.config import ConfigError
 
-METHODS = ("cd", "ct", "ect", "pd")
+METHODS = ("cd", "ct", "ect", "pd", "dmd", "sid", "reflow")
+MATCHING_METHODS = ("dmd", "sid")
+PROBES = ("energy", "fd")
+REFLOW_TIMES = ("uniform", "u_shaped")
 CONSISTENCY_METHODS = ("cd", "ct", "ect")
 SCHEDULES_R = ("discrete", "continuous")
 DISTANCES = ("l2", "pseudo_huber")
@@ -85,6 +90,39 @@ class ProgressiveOptions:
         return tuple(out)
 
 
+@dataclass(frozen=True)
+class MatchingOptions:
+    """Settings of distribution matching ("dmd" | "sid"; see `fewstep.distill.dmd`); None: derived from the run."""
+
+    method: str
+    fake_steps: int
+    fake_lr: float | None
+    fake_warmup: int
+    t_low: float
+    t_high: float
+    regression_pairs: str | None
+    regression_weight: float
+    fake_score: str | None
+    probe: str
+    probe_every: int
+    probe_count: int
+    init_generator: str | None = None
+    alpha: float = 1.2
+    init_from_teacher: bool | None = None
+    teacher: str | None = None
+
+
+@dataclass(frozen=True)
+class ReflowOptions:
+    """Settings of reflow (see `fewstep.distill.reflow`): the pair folder and the time distribution."""
+
+    pairs: str
+    time_distribution: str
+    init_from_teacher: bool | None = None
+    teacher: str | None = None
+    method: str = field(default="reflow")
+
+
 _CONSISTENCY_COMMON = {"schedule": "discrete", "n_min": 10, "n_max": 1280, "rho": 7.0, "q": 2.0, "stage_steps": None, "k": 8.0,
                        "b": 1.0, "distance": "pseudo_huber", "huber_c": None, "weighting": "gap",
                        "time_distribution": "lognormal", "p_mean": -1.1, "p_std": 2.0, "target_decay": 0.0,
@@ -102,7 +140,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "ct": dict(_CONSISTENCY_COMMON),
     "ect": {**_CONSISTENCY_COMMON, "schedule": "continuous"},
     "pd": {"start_steps": 64, "end_steps": 1, "steps_per_round": None, "grid": None, "weighting": "truncated_snr"},
-}
+    "dmd": {"fake_steps": 5, "fake_lr": None, "fake_warmup": 0, "t_low": 0.02, "t_high": 0.98, "regression_pairs": None,
+            "regression_weight": 0.25, "fake_score": None, "probe": "energy", "probe_every": 0, "probe_count": 256,
+            "init_generator": None},
+    "reflow": {"pairs": None, "time_distribution": "uniform"},
+}  # fmt: skip
+DEFAULTS["sid"] = {**DEFAULTS["dmd"], "fake_steps": 1, "alpha": 1.2}
 _COMMON_KEYS = ("method", "teacher", "init_from_teacher")
 _CD_ONLY = ("teacher_solver",)
 
@@ -153,6 +196,14 @@ def _text(key: str, value: Any) -> str:
     return value
 
 
+def _folder(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"distill.{key}", f"distill.{key} must be the folder of a pair set (fewstep.distill.reflow), got {value!r}"
+        )
+    return value
+
+
 def _step_counts(key: str, value: Any) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise ConfigError(
@@ -189,7 +240,22 @@ RULES: dict[str, Callable[[str, Any], Any]] = {
     "end_steps": _integer(1),
     "steps_per_round": _integer(1),
     "grid": _choice(SCHEDULES),
+    "fake_steps": _integer(1),
+    "fake_lr": _real(0.0, open_low=True),
+    "fake_warmup": _integer(0),
+    "t_low": _real(0.0, 1.0),
+    "t_high": _real(0.0, 1.0),
+    "regression_pairs": _folder,
+    "regression_weight": _real(0.0),
+    "fake_score": _text,
+    "init_generator": _text,
+    "probe": _choice(PROBES),
+    "probe_every": _integer(0),
+    "probe_count": _integer(2),
+    "alpha": _real(0.0),
+    "pairs": _folder,
 }
+REFLOW_RULES = {"time_distribution": _choice(REFLOW_TIMES)}
 PD_RULES = {"weighting": _choice(PD_WEIGHTINGS)}
 
 
@@ -199,7 +265,7 @@ def allowed_keys(method: str) -> tuple[str, ...]:
     return (*_COMMON_KEYS, *keys)
 
 
-def parse_table(table: dict[str, Any]) -> ConsistencyOptions | ProgressiveOptions:
+def parse_table(table: dict[str, Any]) -> ConsistencyOptions | ProgressiveOptions | MatchingOptions | ReflowOptions:
     """The checked options of a `distill` table (ConfigError naming "distill.<key>" and the allowed values)."""
     if not isinstance(table, dict):
         raise ConfigError("distill", f"distill must be a table like {{method = 'cd', teacher = 'digits_vp'}}, got {table!r}")
@@ -212,10 +278,17 @@ def parse_table(table: dict[str, Any]) -> ConsistencyOptions | ProgressiveOption
         raise ConfigError(
             "distill", f"distill option(s) {', '.join(unknown)} not known for method {method!r}; allowed: {', '.join(allowed)}"
         )
-    rules = {**RULES, **PD_RULES} if method == "pd" else RULES
+    rules = {**RULES, **PD_RULES} if method == "pd" else {**RULES, **REFLOW_RULES} if method == "reflow" else RULES
     values = {**DEFAULTS[method], **{k: rules[k](k, v) for k, v in table.items()}}
     if method == "pd":
         return _progressive(values)
+    if method in MATCHING_METHODS:
+        return _matching(values)
+    if method == "reflow":
+        if values["pairs"] is None:
+            raise ConfigError("distill.pairs", "reflow needs distill.pairs = <folder of (noise, sample) pairs>, made by "
+                              "fewstep.distill.reflow.write_pairs")  # fmt: skip
+        return ReflowOptions(**values)
     if values["n_min"] > values["n_max"]:
         raise ConfigError(
             "distill.n_min", f"need distill.n_min <= distill.n_max, got n_min={values['n_min']}, n_max={values['n_max']}"
@@ -233,6 +306,14 @@ def _progressive(values: dict[str, Any]) -> ProgressiveOptions:
             f"start_steps={start}, end_steps={end}",
         )
     return ProgressiveOptions(**values)
+
+
+def _matching(values: dict[str, Any]) -> MatchingOptions:
+    if values["t_low"] >= values["t_high"]:
+        raise ConfigError(
+            "distill.t_low", f"need distill.t_low < distill.t_high, got t_low={values['t_low']}, t_high={values['t_high']}"
+        )
+    return MatchingOptions(**values)
 
 
 def check_config_table(config: Any) -> None:
