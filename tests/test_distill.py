@@ -750,8 +750,8 @@ def test_exact_bed_scores_students_and_training_free_samplers_against_exact_answ
     assert pd[2].energy < 0.5 * result.free[2].energy, (pd, result.free)
     table = markdown(result)
     assert "| pd student |" in table and "1-step students below it" in table
-    with pytest.raises(ValueError, match="methods: dmd not known"):
-        exact_bed("ring2d", methods=("dmd",))
+    with pytest.raises(ValueError, match="methods: gan not known"):
+        exact_bed("ring2d", methods=("gan",))
 
 
 @pytest.mark.parametrize("method", ["cd", "pd"])

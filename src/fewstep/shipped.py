@@ -17,7 +17,7 @@ from pathlib import Path
 
 SHIPPED_MODELS = ("digits_vp", "digits_flow", "digits_cosine_v")
 # distilled students (`fewstep distill`, configs/distill_*.toml): sampled by name, not part of the solver benchmarks
-SHIPPED_STUDENTS = ("digits_flow_cd",)
+SHIPPED_STUDENTS = ("digits_flow_cd", "digits_flow_dmd")
 SHIPPED_NAMES = SHIPPED_MODELS + SHIPPED_STUDENTS
 ASSETS = Path(__file__).parent / "assets"
 STUDENT_KEYS = ("student_times", "student_sampler", "student_times_search")  # a student's extra keys export keeps

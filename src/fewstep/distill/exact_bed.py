@@ -40,12 +40,15 @@ FREE_GRIDS = ("time_uniform", "logsnr", "karras", "quadratic")
 STUDENT_NET = {"type": "mlp", "width": 128, "depth": 3}
 
 # Per-method training settings on the bed (the test bed's: tests/test_distill.py). PD: 8 -> 1 steps, one round per
-# quarter of the run; CT/ECT learn from the data alone (no teacher), CD/PD from the exact teacher.
+# quarter of the run; CT/ECT learn from the data alone (no teacher), CD/PD/DMD/SiD from the exact teacher (DMD/SiD:
+# 1-step generators with a fake score trained online; SiD needs 5 fake-score steps per generator step on the ring).
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "cd": {"ema_decay": 0.99, "distill": {}},
     "ct": {"ema_decay": 0.95, "distill": {"init_from_teacher": False}},
     "ect": {"ema_decay": 0.95, "distill": {"init_from_teacher": False}},
     "pd": {"ema_decay": 0.99, "distill": {"start_steps": 8}},
+    "dmd": {"ema_decay": 0.99, "distill": {"fake_steps": 3, "fake_lr": 2e-3, "fake_warmup": 50}},
+    "sid": {"ema_decay": 0.99, "distill": {"fake_steps": 5, "fake_lr": 2e-3, "fake_warmup": 50}},
 }
 
 
