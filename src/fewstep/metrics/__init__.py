@@ -9,4 +9,11 @@ from .mmd import mmd_rbf
 from .precision_recall import precision_recall
 from .sliced import sliced_wasserstein
 
-__all__ = ["energy_distance", "frechet_distance", "gaussian_frechet_distance", "mmd_rbf", "precision_recall", "sliced_wasserstein"]
+__all__ = [
+    "energy_distance",
+    "frechet_distance",
+    "gaussian_frechet_distance",
+    "mmd_rbf",
+    "precision_recall",
+    "sliced_wasserstein",
+]
