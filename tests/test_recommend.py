@@ -99,3 +99,26 @@ def test_vp_gets_the_quadratic_grid_from_20_evaluations(nfe):
         assert ours < 0.8 * rms_error(fewstep.sample(model, noise, process=process, **dict(kwargs, schedule="logsnr")), reference)
     assert fewstep.recommended(QUADRATIC_FROM_NFE - 1, process)["schedule"] == "logsnr"
     assert fewstep.recommended(nfe, fewstep.EDM())["schedule"] == "logsnr"
+
+
+@pytest.mark.parametrize("nfe", [4, 6, 8])
+def test_rectified_flow_gets_unipc_from_log_snr_minus_6_9(nfe):
+    """Rectified flow: UniPC on the time-uniform grid from log-SNR -6.9 (t = 0.999; diffusers' flow grid), better than
+    the former rule (DEIS up to 8 evaluations, iPNDM from 9, from t_max) on a held-out mixture (measured 0.77x, 0.75x,
+    0.59x at NFE 4, 6, 8); an explicit t_start is kept."""
+    from fewstep.recommend import FLOW_START_LOG_SNR
+
+    process = fewstep.RectifiedFlow()
+    mixture = fewstep.mixture_nd(dim=8, components=4, seed=7)
+    noise = torch.randn(256, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    reference, model = mixture.flow_map(noise, process), mixture.model(process, "velocity")
+    kwargs = fewstep.recommended(nfe, process)
+    assert (kwargs["solver"], kwargs["schedule"], kwargs["steps"]) == ("unipc", "time_uniform", nfe)
+    assert float(process.log_snr(kwargs["t_start"])) == pytest.approx(FLOW_START_LOG_SNR, abs=1e-9)
+    x = fewstep.sample(model, noise, process=process, prediction="velocity", **kwargs)
+    assert x.nfe == nfe
+    former = dict(solver="deis" if nfe <= 8 else "ipndm", steps=nfe, schedule="time_uniform")
+    old = fewstep.sample(model, noise, process=process, prediction="velocity", **former)
+    assert rms_error(x, reference) < 0.8 * rms_error(old, reference)
+    assert fewstep.recommended(nfe, process, t_start=0.9)["t_start"] == 0.9
+    assert "t_start" not in fewstep.recommended(nfe, fewstep.DiscreteVP.linear())

@@ -10,9 +10,17 @@ t = 1), a log-SNR grid spends most of its steps where the data is invisible (dig
 above t = 0.98), so iPNDM on the quadratic grid (t quadratic in the step index) at every budget: worst ratio to the
 best fixed configuration at NFE 3-15 of 1.3-1.7 on the learned cosine model and 1.0-1.4 on exact mixtures, where
 the log-SNR rule gave 1.3-3.5 and 2.5-6.4 (README, "Recommended defaults"). The threshold -6 lies between the two
-measured schedules; schedules in between are not measured. Where the log-SNR is -inf at the start (rectified flow,
-zero terminal SNR) the log-SNR rule runs on a time-uniform grid: the measurements there disagree (quadratic is
-better on ring2d / mixture16d, time-uniform on a held-out 8-D mixture at 8-10 NFE). Heun on a log-SNR grid wins the
+measured schedules; schedules in between are not measured. Where the log-SNR is -inf at the start of a VP process
+(zero terminal SNR) the log-SNR rule runs on a time-uniform grid.
+
+Rectified flow (log-SNR -inf at t_max) gets UniPC-2 (bh2, Zhao et al., NeurIPS 2023) on the time-uniform grid
+starting at log-SNR FLOW_START_LOG_SNR = -6.9 (t = 0.999, from x = 0.999 * noise), diffusers' flow configuration:
+from t_max the first evaluation (log-SNR -inf) cannot enter a multistep formula, so the second step is first order
+and the corrector skips the first step; from a finite log-SNR both hold. Measured (`scripts/flow_start.py`, ratio
+to the best diffusers configuration at equal NFE 3-20): held-out exact mixtures 0.96-1.02 except ring2d at NFE
+8-15 (1.10, 1.34, 1.58; the former rule, DEIS / iPNDM from t_max: 1.15, 1.21, 1.28, and 1.05-1.68 elsewhere);
+learned digits_flow, calibration seed 0: 0.96-0.99 at NFE 3-15 (the former rule 1.04-1.69). iPNDM from log-SNR -5
+is better on the network (0.86-0.96) but 1.1-1.35 on the mixtures. Heun on a log-SNR grid wins the
 exact problems at 5 evaluations, but its two huge steps send a learned model far out of distribution (digits FD 158
 against 10 for DEIS): never a default.
 
@@ -41,7 +49,7 @@ from typing import Any
 import torch
 
 from .checks import MAX_STEPS
-from .processes import Process, _VPBase
+from .processes import Process, RectifiedFlow, _VPBase
 
 # (largest NFE of the band, solver, grid, solver options); every solver here costs one evaluation per step
 RECOMMENDED: tuple[tuple[float, str, str, dict[str, Any]], ...] = (
@@ -51,6 +59,9 @@ RECOMMENDED: tuple[tuple[float, str, str, dict[str, Any]], ...] = (
 # where the process starts deep in pure noise (a finite log-SNR below NOISY_END_LOG_SNR at t_start)
 NOISY_END_LOG_SNR = -6.0
 RECOMMENDED_NOISY_END: tuple[tuple[float, str, str, dict[str, Any]], ...] = ((math.inf, "ipndm", "quadratic", {}),)
+# rectified flow: UniPC on the time-uniform grid from log-SNR FLOW_START_LOG_SNR (module doc)
+RECOMMENDED_FLOW: tuple[tuple[float, str, str, dict[str, Any]], ...] = ((math.inf, "unipc", "time_uniform", {}),)
+FLOW_START_LOG_SNR = -6.9
 # few-step grids on VP processes end early (module doc)
 QUADRATIC_FROM_NFE = 20  # VP processes from here on: the quadratic grid (module doc)
 EARLY_END_NFES = range(4, 6)
@@ -64,7 +75,8 @@ def recommended(nfe: int, process: Process, *, t_start: float | None = None, t_e
     process=process, **fewstep.recommended(10, process))`. Every recommended solver costs one evaluation per step,
     so the plan needs no dry run: nfe - 1 steps and the final denoising where sigma(t_end) > 0, else nfe steps
     (tests/test_recommend.py checks the count on every process). Without `t_end`, a VP grid of at most
-    4-5 evaluations ends at log-SNR EARLY_END_LOG_SNR (returned as t_end; see the module doc).
+    4-5 evaluations ends at log-SNR EARLY_END_LOG_SNR (returned as t_end); without `t_start`, a rectified-flow grid
+    starts at log-SNR FLOW_START_LOG_SNR (returned as t_start; see the module doc).
     """
     if isinstance(nfe, bool) or not isinstance(nfe, int) or not 2 <= nfe <= MAX_STEPS:
         raise ValueError(f"nfe must be an integer >= 2 (and <= {MAX_STEPS}) for a recommendation, got nfe={nfe!r}")
@@ -75,6 +87,11 @@ def recommended(nfe: int, process: Process, *, t_start: float | None = None, t_e
         t_end = lo = float(process.t_from_log_snr(torch.tensor(EARLY_END_LOG_SNR, dtype=torch.float64)))
     noisy_end = math.isfinite(start_log_snr) and start_log_snr < NOISY_END_LOG_SNR
     bands = RECOMMENDED_NOISY_END if noisy_end else RECOMMENDED
+    if isinstance(process, RectifiedFlow):
+        bands = RECOMMENDED_FLOW
+        if t_start is None and start_log_snr < FLOW_START_LOG_SNR:
+            t_start = hi = float(process.t_from_log_snr(torch.tensor(FLOW_START_LOG_SNR, dtype=torch.float64)))
+            start_log_snr = FLOW_START_LOG_SNR
     solver, schedule, options = next((s, g, o) for top, s, g, o in bands if nfe <= top)
     if nfe >= QUADRATIC_FROM_NFE and isinstance(process, _VPBase):
         schedule = "quadratic"

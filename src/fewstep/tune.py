@@ -4,12 +4,14 @@ For each budget: every candidate (solver x named grid, `CANDIDATES`) is scored b
 against a many-step reference of the same model on calibration noise; the best few get their interior times
 searched (`fewstep.optimize_schedule`, the idea of Align Your Steps, Sabour et al., 2024, and of the
 trajectory-error schedule searches of Xue et al., 2024) on that calibration noise; then every configuration is
-scored again on *selection* noise of another seed and the best there is kept (so a grid over-fitted to the
-calibration samples loses); a configuration whose samples collapse toward the mean of the modes (`collapsed`) is
-never chosen, however low its RMS error. The reference is checked for convergence (the same solver at half the
-steps must agree to `reference_rtol`); a model whose reference does not converge is refused with the numbers. The
-result is a `fewstep.Tuning` (JSON, keyed by the model's weights, process and prediction) that `fewstep.sample(...,
-solver="auto", nfe=N)` uses.
+scored again on *selection* noise of another seed, the best few there once more on a wider batch of that seed
+(`CONFIRM_SAMPLES`), and the best of those is kept (so a grid over-fitted to the calibration samples loses, and a
+choice does not hinge on one sample near a boundary between modes); on a process that starts at log-SNR -inf
+(rectified flow) the best configurations are also scored from a finite start (`START_LOG_SNRS`); a configuration
+whose samples collapse toward the mean of the modes (`collapsed`) is never chosen, however low its RMS error. The
+reference is checked for convergence (the same solver at half the steps must agree to `reference_rtol`); a model
+whose reference does not converge is refused with the numbers. The result is a `fewstep.Tuning` (JSON, keyed by
+the model's weights, process and prediction) that `fewstep.sample(..., solver="auto", nfe=N)` uses.
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ CANDIDATES: tuple[tuple[str, str], ...] = tuple(
 # against t_min (README, "On the learned models"). Ends above log-SNR 1.5 are not tried: from there the final data
 # prediction is visibly blurred (lower RMS error, higher FD: 0.111 / 3.1 at log-SNR 1).
 END_LOG_SNRS: tuple[float, ...] = (3.0, 2.0, 1.5)
+# Where a grid may start besides t_max, as log-SNR values, on a process whose log-SNR is -inf at t_max (rectified
+# flow, zero terminal SNR): there the first evaluation cannot enter a multistep formula (its log-SNR step is
+# infinite), so every multistep solver's second step is first order, and the UniC corrector skips the first step. A
+# grid that starts at a finite log-SNR from x = sigma(t_start) * noise keeps them (the alpha(t_start) * x0 part of
+# the state it drops is measured with the rest). -6.9 is diffusers' flow grid, which starts at sigma = 1 - 1/1000;
+# digits_flow, 256 samples of seed 2, time-uniform grid, RMS error from t_max -> from log-SNR -6.9: UniPC NFE 15
+# 0.042 -> 0.020 (diffusers' UniPC bh2 flow: 0.021), iPNDM NFE 10 0.043 -> 0.027, NFE 5 0.086 -> 0.074.
+START_LOG_SNRS: tuple[float, ...] = (-6.9, -5.0, -4.0, -3.0)
+START_TOP = 4  # how many of the best configurations from t_max (on the calibration noise) are tried at each start
 
 
 def end_times(process: Process, end_log_snrs: Sequence[float]) -> list[tuple[float | None, str]]:
@@ -59,6 +70,27 @@ def end_times(process: Process, end_log_snrs: Sequence[float]) -> list[tuple[flo
             t_end = float(process.t_from_log_snr(torch.tensor(float(log_snr), dtype=torch.float64)))
             ends.append((t_end, f", ends at log-SNR {log_snr:g}"))
     return ends
+
+
+# The selection error of 64 samples is dominated by the few that lie near a boundary between modes (digits_flow: a
+# sample's error there is 10-100x the median's), so the order of close configurations on 64 samples does not carry
+# over to other noise. The CONFIRM_TOP best on the selection batch are scored again on CONFIRM_SAMPLES samples of the
+# selection seed and the best there is kept. digits_flow, RMS error on 64 / 256 samples of seed 1 -> 256 of seed 2:
+# NFE 15, iPNDM quadratic ending at log-SNR 3 0.0185 / 0.0261 -> 0.0413, DEIS time-uniform ending there 0.0192 /
+# 0.0176 -> 0.0369; NFE 5, UniPC on a searched grid 0.1013 / 0.1045 -> 0.0914, UniPC time-uniform 0.1031 / 0.0990
+# -> 0.0825 (README, "On the learned models").
+CONFIRM_SAMPLES = 256
+CONFIRM_TOP = 4
+
+
+def start_times(process: Process, start_log_snrs: Sequence[float]) -> list[tuple[float, str]]:
+    """(t_start, label suffix) for each later start to try: none where the process's log-SNR at t_max is finite, else
+    each log-SNR below the one at t_min (`START_LOG_SNRS`)."""
+    if math.isfinite(float(process.log_snr(process.t_max))):
+        return []
+    high = float(process.log_snr(process.t_min))
+    return [(float(process.t_from_log_snr(torch.tensor(float(v), dtype=torch.float64))), f", starts at log-SNR {v:g}")
+            for v in start_log_snrs if v < high]  # fmt: skip
 
 
 def _reference(model, noise, process, prediction, solver: str, steps: int) -> torch.Tensor:
@@ -105,10 +137,12 @@ def collapsed(x: torch.Tensor, reference: torch.Tensor) -> bool:
     return bool(spread < COLLAPSE_RATIO * reference.double().flatten(1).var(0).mean())
 
 
-def _score(model, noise, reference, process, prediction, solver, steps, schedule, denoise, t_end=None, guard=True) -> float:
+def _score(
+    model, noise, reference, process, prediction, solver, steps, schedule, denoise, t_end=None, guard=True, t_start=None
+) -> float:
     """RMS error to the reference; inf where the run diverged or (with `guard`) collapsed (`collapsed`)."""
     x = sample(model, noise, process=process, prediction=prediction, solver=solver, steps=steps, schedule=schedule,
-               denoise_to_zero=denoise, t_end=t_end)  # fmt: skip
+               denoise_to_zero=denoise, t_end=t_end, t_start=t_start)  # fmt: skip
     error = rms_error(x, reference)
     return error if math.isfinite(error) and not (guard and collapsed(x, reference)) else math.inf
 
@@ -124,8 +158,12 @@ def tune(
     seed: int = 0,
     candidates: Sequence[tuple[str, str]] = CANDIDATES,
     end_log_snrs: Sequence[float] = END_LOG_SNRS,
+    start_log_snrs: Sequence[float] = START_LOG_SNRS,
+    start_top: int = START_TOP,
     search_top: int = 2,
     search_iters: int = 12,
+    confirm_samples: int = CONFIRM_SAMPLES,
+    confirm_top: int = CONFIRM_TOP,
     reference_solver: str = "dpmpp_2m",
     reference_steps: int = 200,
     reference_rtol: float = 0.01,
@@ -140,6 +178,11 @@ def tune(
     configurations get their grid searched, with `search_iters` iterations each (0: no search).
     end_log_snrs: where else than at the process's t_min a grid may end before its final denoising step (log-SNR
         values; () for t_min only); each candidate is scored at each end.
+    start_log_snrs, start_top: where a process whose log-SNR is -inf at t_max may also start (log-SNR values; () for
+        t_max only); the `start_top` best configurations from t_max (on the calibration noise) are scored at each.
+    confirm_samples, confirm_top: the `confirm_top` best configurations on the selection noise are scored again on
+        `confirm_samples` samples of the selection seed (a superset of the selection batch) and the best there is
+        kept (`CONFIRM_SAMPLES`; no confirmation where confirm_top is 0 or confirm_samples <= samples).
     model_key: the key of a model that is not a torch module (default: its weights' SHA-256, `tuning.model_key`).
     """
     check_prediction(prediction)
@@ -153,26 +196,33 @@ def tune(
         if grid not in SCHEDULES:
             raise ValueError(f"candidate grid {grid!r} is not known; allowed values: {', '.join(SCHEDULES)}")
     end_log_snrs = [check_real(v, "end_log_snrs") for v in end_log_snrs]
+    start_log_snrs = [check_real(v, "start_log_snrs") for v in start_log_snrs]
+    start_top = check_int(start_top, "start_top", minimum=0, maximum=1000)
     search_top = check_int(search_top, "search_top", minimum=0, maximum=1000)  # at most all candidates are searched
     search_iters = check_int(search_iters, "search_iters", minimum=0, maximum=10_000)
+    confirm_samples = check_int(confirm_samples, "confirm_samples", minimum=2, maximum=100_000)
+    confirm_top = check_int(confirm_top, "confirm_top", minimum=0, maximum=1000)
     reference_steps = check_int(reference_steps, "reference_steps", minimum=4, maximum=100_000)
     key = key_of(model) if model_key is None else model_key
     say = log or (lambda text: None)
     shape = tuple(int(n) for n in shape)
 
-    def noise_of(s: int) -> torch.Tensor:
-        return torch.randn(samples, *shape, generator=torch.Generator().manual_seed(s))
+    def noise_of(s: int, n: int) -> torch.Tensor:  # the first m rows of n are those of m: the batches nest
+        return torch.randn(n, *shape, generator=torch.Generator().manual_seed(s))
 
-    cal, sel = noise_of(seed), noise_of(seed + 1)
+    confirm = confirm_top > 0 and confirm_samples > samples
+    cal, wide = noise_of(seed, samples), noise_of(seed + 1, confirm_samples if confirm else samples)
     start = time.perf_counter()
     ref_cal, record = converged_reference(model, cal, process, prediction, reference_solver, reference_steps, reference_rtol)
-    ref_sel, _ = converged_reference(model, sel, process, prediction, reference_solver, reference_steps, reference_rtol)
+    ref_wide, _ = converged_reference(model, wide, process, prediction, reference_solver, reference_steps, reference_rtol)
+    beds = dict(cal=(cal, ref_cal), sel=(wide[:samples], ref_wide[:samples]), confirm=(wide, ref_wide) if confirm else None)
     say(f"reference: {reference_solver} {reference_steps} steps, estimated error {record['estimated_error_median']:.2e} "
         f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
     tuning = Tuning(key, repr(process), prediction, reference=record, name=name)
     for nfe in budgets:
-        tuning.entries[nfe] = _tune_one(model, process, prediction, nfe, cal, ref_cal, sel, ref_sel, candidates,
-                                        end_times(process, end_log_snrs), search_top, search_iters)  # fmt: skip
+        grids = dict(candidates=candidates, ends=end_times(process, end_log_snrs), starts=start_times(process, start_log_snrs))
+        tops = dict(start_top=start_top, search_top=search_top, search_iters=search_iters, confirm_top=confirm_top)
+        tuning.entries[nfe] = _tune_one(model, process, prediction, nfe, beds, **grids, **tops)
         entry = tuning.entries[nfe]
         say(f"NFE {nfe}: {entry.solver} on {entry.grid}, RMS {entry.error:.3g} (fallback {entry.fallback_error:.3g}), "
             f"{time.perf_counter() - start:.0f} s")  # fmt: skip
@@ -180,38 +230,57 @@ def tune(
 
 
 def _tune_one(
-    model, process, prediction, nfe, cal, ref_cal, sel, ref_sel, candidates, ends, search_top, search_iters
+    model, process, prediction, nfe, beds, *, candidates, ends, starts, start_top, search_top, search_iters, confirm_top
 ) -> TunedEntry:
-    """The best configuration at one budget, chosen on the selection noise (see the module doc)."""
+    """The best configuration at one budget, chosen on the selection noise (see the module doc).
+
+    beds: "cal", "sel" and "confirm" (or None) -> (noise, reference)."""
+    (cal, ref_cal), (sel, ref_sel) = beds["cal"], beds["sel"]
     configs: list[dict[str, Any]] = []
-    for (solver, grid), (t_end, suffix) in ((c, e) for c in candidates for e in ends):
+
+    def add(solver: str, grid: str, t_end: float | None, t_start: float | None, label: str) -> None:
         try:
             steps, denoise = plan_for_nfe(solver, nfe, process, t_end=t_end)
-            error = _score(model, cal, ref_cal, process, prediction, solver, steps, grid, denoise, t_end)
+            error = _score(model, cal, ref_cal, process, prediction, solver, steps, grid, denoise, t_end, t_start=t_start)
         except ValueError:  # budget not reachable, or grid undefined on this process
-            continue
-        configs.append(dict(solver=solver, steps=steps, denoise=denoise, schedule=grid, t_end=t_end, label=grid + suffix,
-                            cal=error))  # fmt: skip
+            return
+        configs.append(dict(solver=solver, steps=steps, denoise=denoise, schedule=grid, t_end=t_end, t_start=t_start,
+                            label=label, cal=error))  # fmt: skip
+
+    for (solver, grid), (t_end, suffix) in ((c, e) for c in candidates for e in ends):
+        add(solver, grid, t_end, None, grid + suffix)
     if not configs:
         raise ValueError(f"nfe={nfe} is below every candidate solver's minimum on {process!r}")
+    from_t_max = sorted((c for c in configs if math.isfinite(c["cal"])), key=lambda c: c["cal"])[:start_top]
+    for c, (t_start, suffix) in ((c, s) for c in from_t_max for s in starts):
+        add(c["solver"], c["schedule"], c["t_end"], t_start, c["label"] + suffix)
     ranked = sorted((c for c in configs if math.isfinite(c["cal"])), key=lambda c: c["cal"])
     for c in ranked[: search_top if search_iters > 0 else 0]:
         searched = optimize_schedule(model, process, c["solver"], nfe, cal, prediction=prediction, init=c["schedule"],
-                                     reference=ref_cal, iters=search_iters, t_end=c["t_end"],
+                                     reference=ref_cal, iters=search_iters, t_end=c["t_end"], t_start=c["t_start"],
                                      denoise_to_zero=c["denoise"])  # fmt: skip
         configs.append(dict(c, schedule=searched.times, label=f"searched from {c['label']!r}", cal=searched.error))
-    fallback = recommended(nfe, process)
-    fallback_error = _score(model, sel, ref_sel, process, prediction, fallback["solver"], fallback["steps"],
-                            fallback["schedule"], fallback["denoise_to_zero"], fallback.get("t_end"), guard=False)  # fmt: skip
     for c in configs:
         c["sel"] = _score(model, sel, ref_sel, process, prediction, c["solver"], c["steps"], c["schedule"], c["denoise"],
-                          c["t_end"])  # fmt: skip
+                          c["t_end"], t_start=c["t_start"])  # fmt: skip
     best = min(configs, key=lambda c: c["sel"])
     if not math.isfinite(best["sel"]):
         raise TuningError(f"every configuration diverges at nfe={nfe} on this model (non-finite error)")
+    final = beds["confirm"] or beds["sel"]
+    if beds["confirm"]:
+        top = sorted((c for c in configs if math.isfinite(c["sel"])), key=lambda c: c["sel"])[:confirm_top]
+        for c in top:
+            c["final"] = _score(model, *final, process, prediction, c["solver"], c["steps"], c["schedule"], c["denoise"],
+                                c["t_end"], t_start=c["t_start"])  # fmt: skip
+        if any(math.isfinite(c["final"]) for c in top):
+            best = min(top, key=lambda c: c["final"])
+    fallback = recommended(nfe, process)
+    fallback_error = _score(model, *final, process, prediction, fallback["solver"], fallback["steps"], fallback["schedule"],
+                            fallback["denoise_to_zero"], fallback.get("t_end"), False, fallback.get("t_start"))  # fmt: skip
     t_end = process.t_min if best["t_end"] is None else best["t_end"]
+    t_start = process.t_max if best["t_start"] is None else best["t_start"]
     times = best["schedule"] if isinstance(best["schedule"], torch.Tensor) else Schedule(best["schedule"]).grid(
-        process, best["steps"], process.t_max, t_end)  # fmt: skip
+        process, best["steps"], t_start, t_end)  # fmt: skip
     return TunedEntry(
         nfe=nfe,
         solver=best["solver"],
@@ -219,7 +288,8 @@ def _tune_one(
         times=[float(t) for t in times],
         denoise_to_zero=best["denoise"],
         grid=best["label"],
-        error=best["sel"],
+        error=best["final"] if math.isfinite(best.get("final", math.inf)) else best["sel"],
         fallback_error=fallback_error,
         candidates={f"{c['solver']} {c['label']}": c["sel"] for c in configs},
+        confirmed={f"{c['solver']} {c['label']}": c["final"] for c in configs if "final" in c},
     )

@@ -62,9 +62,10 @@ class TunedEntry:
     denoise_to_zero: bool = True
     options: dict[str, Any] = field(default_factory=dict)
     grid: str = ""  # where the grid came from, e.g. "quadratic" or "searched from 'logsnr'"
-    error: float = math.nan  # RMS error against the many-step reference on the selection noise
+    error: float = math.nan  # RMS error against the many-step reference on the selection (confirmation) noise
     fallback_error: float = math.nan  # the same for `fewstep.recommended` (what solver="auto" does untuned)
     candidates: dict[str, float] = field(default_factory=dict)  # every configuration tried -> selection error
+    confirmed: dict[str, float] = field(default_factory=dict)  # the best few -> error on the wider confirmation batch
 
     def sample_kwargs(self) -> dict[str, Any]:
         """Keywords for `fewstep.sample` that reproduce this configuration (the grid as a tensor of times)."""
@@ -172,6 +173,8 @@ def _entry(raw: Any, where: str) -> TunedEntry:
         raise TuningError(f"key '{where}.times' must be finite and strictly decreasing")
     _typed(raw, "denoise_to_zero", bool, where)
     _typed(raw, "options", dict, where)
+    if "confirmed" in raw:  # absent from the artefacts of fewstep before the confirmation step
+        _typed(raw, "confirmed", dict, where)
     return TunedEntry(**{k: v for k, v in raw.items()})
 
 

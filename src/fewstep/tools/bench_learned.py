@@ -192,7 +192,10 @@ def bench_model(
         tuned.cells[nfe] = _fewstep_cell(*common, nfe, solver="auto", nfe=nfe)
         kwargs = recommended(nfe, process)
         fallback.cells[nfe] = _fewstep_cell(*common, nfe, **kwargs)
-        fallback.cells[nfe].what = f"{kwargs['solver']} / {kwargs['schedule']}"
+        fallback.cells[nfe].what = f"{kwargs['solver']} / {kwargs['schedule']}" + "".join(
+            f", {word} at log-SNR {float(process.log_snr(kwargs[key])):.3g}"
+            for key, word in (("t_start", "starts"), ("t_end", "ends")) if key in kwargs
+        )  # fmt: skip
         for row in fixed:
             try:
                 steps, denoise = plan_for_nfe(row.solver, nfe, process)
