@@ -124,25 +124,59 @@ class UNet(nn.Module):
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         return h
 
+    @property
+    def skips(self) -> int:
+        """The number of skip connections: the branch points of `forward_split` (depth 1..skips)."""
+        return self.levels * (self.blocks + 1)
+
     def forward(self, x: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+        return self.forward_split(x, noise_level)[0]
+
+    def forward_split(
+        self, x: torch.Tensor, noise_level: torch.Tensor, depth: int | None = None, deep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward pass split at a skip connection, for feature caching (Ma et al., 2024, "DeepCache").
+
+        The shallow branch at `depth` holds the first `depth` skips (0 = the input convolution), the up-blocks that
+        take them and the output head; the deep branch is everything else, and its output is the feature entering
+        the up-block that takes skip `depth - 1`. Returns (output, deep feature) [the feature is None for depth
+        None]; with `deep` given (a feature returned earlier), the deep branch is not computed and `deep` is used.
+        """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape [batch, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        if (depth is not None and not 1 <= depth <= self.skips) or (deep is not None and depth is None):
+            raise ValueError(f"depth must be in 1..{self.skips} (and given with deep), got depth={depth!r}")
         emb = self.embed(noise_level)
-        h = self.inp(x)
+        hs = self._encode(self.inp(x), emb, self.skips if deep is None else depth)
+        h = hs[-1] if deep is None else deep
+        if deep is None:
+            h = self._run_layers(self.mid, h, emb)
+        split = None if depth is None else self.skips - depth
+        feature = None
+        for j, layers in enumerate(self.up):
+            if j == split:
+                feature, h = (h, h) if deep is None else (deep, deep)
+            if deep is not None and j < split:
+                continue
+            h = self._run_layers(layers, torch.cat([h, hs.pop()], dim=1), emb)
+            i, r = divmod(j, self.blocks + 1)
+            if r == self.blocks and i < self.levels - 1:
+                h = self.upsample[i](F.interpolate(h, size=hs[-1].shape[-2:], mode="nearest"))
+        return self.out(h), feature
+
+    def _encode(self, h: torch.Tensor, emb: torch.Tensor, stop: int) -> list[torch.Tensor]:
+        """The down path from the input convolution's output h, stopped once `stop` skips are stored; the skips."""
         hs = [h]
         down = iter(self.down)
         for level in range(self.levels):
             for _ in range(self.blocks):
+                if len(hs) == stop:
+                    return hs
                 h = self._run_layers(next(down), h, emb)
                 hs.append(h)
             if level < self.levels - 1:
+                if len(hs) == stop:
+                    return hs
                 h = self.downsample[level](h)
                 hs.append(h)
-        h = self._run_layers(self.mid, h, emb)
-        up = iter(self.up)
-        for i, _level in enumerate(reversed(range(self.levels))):
-            for _ in range(self.blocks + 1):
-                h = self._run_layers(next(up), torch.cat([h, hs.pop()], dim=1), emb)
-            if i < self.levels - 1:
-                h = self.upsample[i](F.interpolate(h, size=hs[-1].shape[-2:], mode="nearest"))
-        return self.out(h)
+        return hs

@@ -1,0 +1,26 @@
+"""Cheaper network evaluations: feature caching (DeepCache), compiled / bf16 inference, post-training quantization,
+and T-Stitch (a small model for the early steps). Every method wraps a fewstep model `model(x, t)` and composes with
+every solver, since it decides by the call's time t, never by counting calls.
+"""
+
+from .cache import DeepCache
+from .compile import COMPILE_MODES, compile_model
+from .flops import count_flops
+from .quant import QuantizedModel, calibration_states, dynamic_int8, quantize
+from .refresh import REFRESH_RULES, refresh_indices, sampling_grid
+from .stitch import Stitch
+
+__all__ = [
+    "COMPILE_MODES",
+    "REFRESH_RULES",
+    "DeepCache",
+    "QuantizedModel",
+    "Stitch",
+    "calibration_states",
+    "compile_model",
+    "count_flops",
+    "dynamic_int8",
+    "quantize",
+    "refresh_indices",
+    "sampling_grid",
+]

@@ -1,0 +1,326 @@
+"""fewstep.accel: DeepCache (bit-identical at interval 1, exact at refresh calls), compile (no recompiles), quantization
+(calibration across timesteps beats one timestep), T-Stitch (equals the two-stage exact-mixture sample), bad input."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fewstep
+from fewstep import accel
+from fewstep.accel import quant as quant_module
+from fewstep.nets import MLP, DiffusersUNet, DiffusionModel, UNet
+
+
+def _randomize(module: nn.Module, std: float = 0.2, seed: int = 0) -> nn.Module:
+    """Every parameter normal(0, std): the UNet's zero-initialised output layers would make every output 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(std * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def _unet_model(process=None, **kwargs) -> DiffusionModel:
+    net = UNet(**{"channels": (8, 16), "attention": (1,), "emb_features": 16, **kwargs})
+    return DiffusionModel(_randomize(net), process or fewstep.DiscreteVP.linear(), prediction="eps")
+
+
+def _diffusers_model() -> DiffusionModel:
+    net = DiffusersUNet(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                        norm_num_groups=4, attention_head_dim=8)  # fmt: skip
+    return DiffusionModel(_randomize(net, 0.1), fewstep.DiscreteVP.linear(), prediction="eps")
+
+
+def _noise(n: int = 4, shape=(1, 8, 8), seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _sample(model, noise, process, **kwargs):
+    return fewstep.sample(model, noise, process=process, prediction="eps", **{"solver": "dpmpp_2m", "steps": 8, **kwargs})
+
+
+# --- the split forward -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"channels": (8, 8, 16), "blocks": 2, "attention": (0, 2)}])
+def test_unet_split_is_the_forward_at_every_depth(kwargs):
+    net = _unet_model(**kwargs).net
+    x, level = _noise(3, (1, 7, 9)), torch.randn(3)
+    full = net(x, level)
+    for depth in range(1, net.skips + 1):
+        out, feature = net.forward_split(x, level, depth)
+        assert torch.equal(out, full)
+        assert torch.equal(net.forward_split(x, level, depth, deep=feature)[0], full)  # the deep branch fed back
+
+
+def test_diffusers_split_is_the_forward_at_every_depth():
+    from fewstep.accel.diffusers_split import unet2d_forward_split
+
+    unet = _diffusers_model().net.unet
+    x, t = _noise(2), torch.tensor([3.0, 40.0])
+    full = unet(x, t).sample
+    for depth in (1, 2):
+        out, feature = unet2d_forward_split(unet, x, t, depth)
+        assert torch.equal(out, full)
+        assert torch.equal(unet2d_forward_split(unet, x, t, depth, deep=feature)[0], full)
+
+
+# --- DeepCache ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver, steps", [("dpmpp_2m", 8), ("heun", 4), ("dpm_solver_2", 4)])
+@pytest.mark.parametrize("make", [_unet_model, _diffusers_model])
+def test_deepcache_interval_one_is_bit_identical(make, solver, steps):
+    model = make()
+    noise = _noise()
+    plain = _sample(model, noise, model.process, solver=solver, steps=steps)
+    cache = accel.DeepCache(model, interval=1, depth=1)
+    with cache.plan(accel.sampling_grid(model.process, steps)):
+        cached = _sample(cache, noise, model.process, solver=solver, steps=steps)
+    assert torch.equal(cached, plain)
+    assert cache.counts["reuse"] == 0 and cache.counts["refresh"] == plain.nfe
+
+
+@pytest.mark.parametrize("solver, steps", [("dpmpp_2m", 9), ("heun", 6), ("dpm_solver_2", 6)])
+@pytest.mark.parametrize("make", [_unet_model, _diffusers_model])
+def test_deepcache_refreshes_by_time_and_is_exact_there(make, solver, steps):
+    """Refresh calls (at the planned grid times, also Heun's corrector there) equal the plain model; others reuse."""
+    model = make()
+    ts = accel.sampling_grid(model.process, steps)
+    cache = accel.DeepCache(model, interval=3, depth=1).plan(ts)
+    refresh_times = set(cache.refresh_times())
+    assert refresh_times == {float(ts[i]) for i in range(0, steps + 1, 3)}
+    seen = []
+
+    def probe(x, t):
+        out = cache(x, t)
+        seen.append((float(t[0]), torch.equal(out, model(x, t))))
+        return out
+
+    x = _sample(probe, _noise(), model.process, solver=solver, steps=steps)
+    assert torch.isfinite(x).all()
+    for t, exact in seen:
+        refresh = any(abs(t - r) <= 1e-6 * max(1.0, abs(r)) for r in refresh_times)
+        assert exact == refresh, (t, exact, refresh)
+    assert cache.counts == {"refresh": sum(e for _, e in seen), "reuse": sum(not e for _, e in seen)}
+    assert cache.counts["reuse"] > 0
+
+
+def test_deepcache_on_a_diffusers_unet2d_through_from_diffusers():
+    import diffusers
+
+    unet = _diffusers_model().net.unet  # a random UNet2DModel
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    model, process, prediction = fewstep.from_diffusers(unet, scheduler.config)
+    noise, steps = _noise(), 6
+    plain = fewstep.sample(model, noise, process=process, prediction=prediction, solver="heun", steps=steps)
+    ts = accel.sampling_grid(process, steps)
+    with accel.DeepCache(model, interval=1).plan(ts) as cache:
+        same = fewstep.sample(cache, noise, process=process, prediction=prediction, solver="heun", steps=steps)
+    assert torch.equal(same, plain)
+    cache = accel.DeepCache(model, interval=3, depth=1).plan(ts)
+    x, t = noise, torch.full((4,), float(ts[3]))
+    assert torch.equal(cache(x, t), model(x, t))  # a refresh point: exact
+    assert not torch.equal(cache(x, t.new_full((4,), float(ts[4]))), model(x, t.new_full((4,), float(ts[4]))))
+    assert cache.counts == {"refresh": 1, "reuse": 1}
+    with pytest.raises(TypeError, match="UNet2DConditionModel"):
+        accel.DeepCache(fewstep.from_diffusers(lambda x, timestep: x, scheduler.config)[0])
+
+
+def test_deepcache_flops_are_refresh_plus_shallow_calls():
+    model = _unet_model()
+    noise = _noise()
+    steps = 9
+    x, t = noise, torch.full((4,), 0.5)
+    _, full = accel.count_flops(model, x, t)
+    cache = accel.DeepCache(model, interval=3, depth=1).plan(accel.sampling_grid(model.process, steps))
+    cache(x, t.new_full((4,), float(cache.refresh_times()[0])))  # fills the cache
+    _, shallow = accel.count_flops(cache, x, t)  # t = 0.5 is off the grid: a reuse call
+    assert 0 < shallow < 0.5 * full
+    cache.reset()
+    _, total = accel.count_flops(_sample, cache, noise, model.process, steps=steps)
+    counts = cache.counts
+    assert total == counts["refresh"] * full + counts["reuse"] * shallow
+
+
+def test_deepcache_log_snr_plan():
+    process = fewstep.EDM()
+    log_uniform = torch.logspace(torch.log10(torch.tensor(80.0)), -2.0, 13, dtype=torch.float64)
+    assert accel.refresh_indices(log_uniform, 3, "log_snr", process) == [0, 3, 6, 9, 12]  # = the uniform plan
+    # linear in sigma: 72% of the log-SNR travel is the last step, a quarter of it is reached at point 11; the
+    # quantiles beyond fall on point 12, and the two points left over go to the first unused uniform points, 3 and 6
+    linear = torch.linspace(80.0, 0.01, 13, dtype=torch.float64)
+    assert accel.refresh_indices(linear, 3, "log_snr", process) == [0, 3, 6, 11, 12]
+
+
+def test_deepcache_warns_where_it_cannot_help():
+    model = _unet_model()
+    with pytest.warns(UserWarning, match="caching saves little or nothing"):
+        accel.DeepCache(model, interval=3).plan(accel.sampling_grid(model.process, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        accel.DeepCache(model, interval=3).plan(accel.sampling_grid(model.process, 12))
+        accel.DeepCache(model, interval=1).plan(accel.sampling_grid(model.process, 2))
+
+
+def test_deepcache_bad_input():
+    mlp_model = DiffusionModel(MLP(dim=2), fewstep.EDM(), prediction="eps")
+    with pytest.raises(TypeError, match="UNet.*DiffusersUNet"):
+        accel.DeepCache(mlp_model)
+    model = _unet_model()
+    with pytest.raises(ValueError, match="depth must be an integer in 1..4"):
+        accel.DeepCache(model, depth=5)
+    with pytest.raises(ValueError, match="interval"):
+        accel.DeepCache(model, interval=0)
+    with pytest.raises(ValueError, match="uniform, log_snr"):
+        accel.DeepCache(model, refresh="random")
+    with pytest.raises(RuntimeError, match="plan"):
+        accel.DeepCache(model)(_noise(), torch.ones(4))
+
+
+# --- compile -----------------------------------------------------------------------------------------------------
+
+
+def test_compiled_sampling_compiles_once_and_matches_eager():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = _unet_model()
+    noise = _noise()
+    counter = CompileCounter()
+    compiled = accel.compile_model(model, backend=counter)
+    eager = _sample(model, noise, model.process, steps=10)
+    out = _sample(compiled, noise, model.process, steps=10)
+    assert counter.frame_count == 1  # one graph for the 11 calls: no recompilation per step
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_and_channels_last_inference():
+    model = _unet_model()
+    x, t = _noise(), torch.full((4,), 0.3)
+    fast = accel.compile_model(model, mode=None, dtype="bf16", channels_last=True)
+    with torch.no_grad():
+        ref, out = model(x, t), fast(x, t)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert 1e-5 < float((out - ref).norm() / ref.norm()) < 0.05  # bf16 rounding: different, but close
+    assert model.net.inp.weight.is_contiguous()  # the caller's network is not converted to channels_last
+
+
+def test_compile_bad_input():
+    model = _unet_model()
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        accel.compile_model(model, mode="fastest")
+    with pytest.raises(ValueError, match="bf16"):
+        accel.compile_model(model, dtype="int4")
+    with pytest.raises(ValueError, match="backend='no_such_backend' is not available"):
+        accel.compile_model(model, backend="no_such_backend")
+    with pytest.raises(TypeError, match="DeepCache"):
+        accel.compile_model(lambda x, t: x)
+
+
+# --- quantization --------------------------------------------------------------------------------------------------
+
+
+def _quant_setup():
+    """A tiny UNet on a DDPM process, and the states of an exact sampler (a 64-d Gaussian mixture as 8x8 images): the
+    network's input goes from N(0, 1) at t_max to the narrower data (std ~0.55) and its noise embedding moves with t."""
+    model = _unet_model(fewstep.DiscreteVP.linear(), channels=(8, 8), attention=())
+    exact = fewstep.mixture_nd(dim=64, components=3).model(model.process, "eps")
+    kwargs = {"process": model.process, "prediction": "eps", "solver": "euler", "steps": 8}
+    states = accel.calibration_states(lambda x, t: exact(x.flatten(1), t).view_as(x), _noise(8, seed=1), **kwargs)
+    return model, kwargs, states
+
+
+def _relative_error(model, quantized, states) -> float:
+    with torch.no_grad():
+        return max(float((quantized(x, t) - model(x, t)).norm() / model(x, t).norm()) for x, t in states)
+
+
+def test_quantization_calibrated_across_timesteps_beats_one_timestep():
+    model, _, states = _quant_setup()
+    assert len(states) == 9 and float(states[0][1][0]) > float(states[-1][1][0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one-timestep model warns about the mismatch (tested below)
+        errors = {
+            (w, a, name): _relative_error(model, accel.quantize(model, calib, w, a), states)
+            for w, a in ((8, 8), (4, 8))
+            for name, calib in (("all", states), ("one", states[-1:]))
+        }
+    assert errors[8, 8, "all"] < 0.05  # W8A8 calibrated on the sampler's states: within a few percent everywhere
+    assert errors[8, 8, "all"] < 0.2 * errors[8, 8, "one"]
+    assert errors[4, 8, "all"] < errors[4, 8, "one"]
+    assert errors[8, 8, "all"] < errors[4, 8, "all"]
+
+
+def test_quantization_warns_on_a_calibration_timestep_mismatch():
+    model, kwargs, states = _quant_setup()
+    noise = _noise(8, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fewstep.sample(accel.quantize(model, states), noise, **kwargs)  # calibrated on this sampler: silent
+    with pytest.warns(UserWarning, match="calibrated on states at t in"):
+        fewstep.sample(accel.quantize(model, states[-1:]), noise, **kwargs)
+
+
+def test_dynamic_int8_is_real_int8_and_close():
+    model = _unet_model()
+    quantized = accel.dynamic_int8(model)
+    kinds = {type(m).__module__ for m in quantized.net.modules()}
+    assert any("quantized.dynamic" in k for k in kinds)
+    assert type(model.net.embed.mlp[0]) is nn.Linear  # the original is untouched
+    x, t = _noise(), torch.full((4,), 0.4)
+    assert _relative_error(model, quantized, [(x, t)]) < 0.05
+
+
+def test_quantization_bad_input(monkeypatch):
+    model, _, states = _quant_setup()
+    with pytest.raises(ValueError, match="w_bits must be an integer in 2..8"):
+        accel.quantize(model, states, w_bits=16)
+    with pytest.raises(ValueError, match="at least one calibration input"):
+        accel.quantize(model, [])
+    with pytest.raises(ValueError, match="mse, minmax"):
+        accel.quantize(model, states, ranges="p99")
+    monkeypatch.setattr(quant_module, "_engines", lambda: [])
+    with pytest.raises(RuntimeError, match="simulated"):
+        accel.dynamic_int8(model)
+
+
+# --- T-Stitch -----------------------------------------------------------------------------------------------------
+
+
+def test_stitch_equals_the_two_stage_sample_of_exact_mixtures():
+    """small = one exact mixture, large = another: the stitched Euler run is run small to the switch, then large."""
+    process = fewstep.VP("linear")
+    small = fewstep.mixture_nd(dim=3, components=2, seed=1).model(process, "eps")
+    large = fewstep.mixture_nd(dim=3, components=3, seed=2).model(process, "eps")
+    noise = _noise(5, (3,)).double()
+    steps, k = 10, 4
+    ts = accel.sampling_grid(process, steps)
+    stitch = accel.Stitch(small, large, fraction=k / steps).plan(ts)
+    common = {"process": process, "prediction": "eps", "solver": "euler"}
+    out = fewstep.sample(stitch, noise, steps=steps, **common)
+    first = fewstep.sample(small, noise, steps=k, schedule=ts[: k + 1], t_end=float(ts[k]), denoise_to_zero=False, **common)
+    sigma = float(process.sigma(ts[k]))
+    second = fewstep.sample(large, first / sigma, steps=steps - k, schedule=ts[k:], t_start=float(ts[k]), **common)
+    torch.testing.assert_close(out, second, rtol=1e-12, atol=1e-12)
+    assert stitch.counts == {"small": k, "large": steps - k + 1}  # + the final denoising at t_end
+    assert not torch.allclose(out, fewstep.sample(large, noise, steps=steps, **common))
+
+
+def test_stitch_by_time_and_bad_input():
+    process = fewstep.EDM()
+    calls = []
+    stitch = accel.Stitch(lambda x, t: calls.append("s") or x, lambda x, t: calls.append("l") or x, time=1.0)
+    for t in (5.0, 1.0, 0.5):
+        stitch(torch.zeros(2, 1), torch.full((2,), t))
+    assert calls == ["s", "l", "l"] and stitch.process is None
+    with pytest.raises(ValueError, match="exactly one of fraction"):
+        accel.Stitch(lambda x, t: x, lambda x, t: x)
+    with pytest.raises(ValueError, match="fraction must be in"):
+        accel.Stitch(lambda x, t: x, lambda x, t: x, fraction=1.5)
+    with pytest.raises(RuntimeError, match="plan"):
+        accel.Stitch(lambda x, t: x, lambda x, t: x, fraction=0.5)(torch.zeros(1, 1), torch.ones(1))
+    assert process.t_max > 1.0
