@@ -12,7 +12,7 @@ from .checks import check_steps
 from .grids import ScheduleLike, time_grid
 from .parameterization import Coefficients, Denoiser, Model, check_convertible, check_prediction
 from .processes import Process
-from .solvers import Run, get_solver, solver_specs
+from .solvers import Run, get_solver, reindex, solver_specs
 from .tuning import Tuning, choose
 
 LOWER_ORDER_FINAL_BELOW = 15  # steps; as diffusers' DPMSolverMultistepScheduler (lower_order_final)
@@ -188,18 +188,6 @@ def _broadcast_kwargs(kwargs: dict[str, Any], batch: int, name: str) -> dict[str
     return out
 
 
-def batch_rows(kwargs: dict[str, Any], b: int, batch: int) -> dict[str, Any]:
-    """The conditioning of sample b alone: row b of every [batch, ...] tensor in kwargs (nested dicts too)."""
-    out = {}
-    for key, value in kwargs.items():
-        if isinstance(value, dict):
-            value = batch_rows(value, b, batch)
-        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
-            value = value[b : b + 1]
-        out[key] = value
-    return out
-
-
 def _check_scalar_time(name: str, value: Any) -> None:
     """t_start / t_end: None or one number; a ValueError saying so for a tensor or sequence of several times."""
     several = isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.numel() > 1)
@@ -216,7 +204,7 @@ def _per_sample(model: KeywordModel, noise: torch.Tensor, *, generator, **common
     rows, nfe = [], 0
     for b in range(noise.shape[0]):
         g = generator[b : b + 1] if isinstance(generator, (list, tuple)) else generator
-        model_b = KeywordModel(model.model, batch_rows(model.kwargs, b, noise.shape[0]), 1)
+        model_b = KeywordModel(model.model, reindex(model.kwargs, torch.tensor([b]), noise.shape[0]), 1)
         x = sample(model_b, noise[b : b + 1], generator=g, **common)
         rows.append(x)
         nfe += x.nfe

@@ -243,7 +243,7 @@ def reindex(state: Any, index: torch.Tensor, batch: int) -> Any:
     """`state` with every tensor [batch, ...] in it replaced by its rows `index` (lists, tuples, named tuples and dicts
     are walked; other values, and tensors without the batch axis, are kept as they are)."""
     if isinstance(state, torch.Tensor):
-        return state.index_select(0, index) if state.ndim >= 1 and state.shape[0] == batch else state
+        return state.index_select(0, index.to(state.device)) if state.ndim >= 1 and state.shape[0] == batch else state
     if isinstance(state, list):
         return [reindex(s, index, batch) for s in state]
     if isinstance(state, tuple):

@@ -25,7 +25,7 @@ import torch
 from ..checks import check_int, check_real
 from ..parameterization import Model
 from ..sampling import sample
-from ..solvers import get_solver
+from ..solvers import get_solver, reindex
 from .resampling import SCHEMES, ancestors, ess, log_mean_weight, normalized
 from .rewards import Reward, check_reward_fn, evaluate_reward
 
@@ -166,7 +166,9 @@ def steered_sample(model: Model, noise: torch.Tensor, steering: FK, **sample_kwa
         raise ValueError(f"noise must have B * particles = B * {k} rows (groups of {k} particles), got shape {shape}")
     groups = noise.shape[0] // k
     if sample_kwargs.get("model_kwargs") is not None:
-        sample_kwargs["model_kwargs"] = _repeat_rows(sample_kwargs["model_kwargs"], groups, k)
+        # each sample's conditioning rows repeated for its k particles
+        rows = torch.arange(groups).repeat_interleave(k)
+        sample_kwargs["model_kwargs"] = reindex(sample_kwargs["model_kwargs"], rows, groups)
     state = _Particles(steering, groups)
     user_callback = sample_kwargs.pop("callback", None)
     steps, process = sample_kwargs.get("steps", 10), sample_kwargs.get("process")
@@ -208,16 +210,4 @@ def _select(x: torch.Tensor, r: torch.Tensor, state: _Particles) -> torch.Tensor
     out.resamples, out.min_ess, out.log_z = state.resamples, state.min_ess, state.log_z
     out.rewards, out.all_particles, out.all_rewards = r[index], x, r
     out.weights = normalized(state.log_w)
-    return out
-
-
-def _repeat_rows(kwargs: dict[str, Any], groups: int, k: int) -> dict[str, Any]:
-    """model_kwargs with every tensor [groups, ...] repeated to [groups * k, ...] (each sample's rows for its particles)."""
-    out = {}
-    for key, value in kwargs.items():
-        if isinstance(value, dict):
-            value = _repeat_rows(value, groups, k)
-        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == groups and k > 1:
-            value = value.repeat_interleave(k, dim=0)
-        out[key] = value
     return out
