@@ -90,6 +90,10 @@ SOLVER_HELP = "Solver name (see `fewstep solvers`), or auto (with --nfe); defaul
 MODEL_HELP = ("Sample this model instead: a shipped name, a checkpoint path (a student uses its stored times for --steps) "
               "or a local diffusers folder (a pipeline with a unet, or a UNet2DModel folder).")  # fmt: skip
 
+N_HELP = "Number of samples (under torchrun write --num-samples: torchrun reads --n as one of its own options)."
+SHARD_HELP = ("With --model and .npy: above this --n, write resumable shards x-00000.npy, ... and x-index.json; "
+              "under torchrun the processes split the shards (shard k on rank k % WORLD_SIZE).")  # fmt: skip
+
 
 @app.command("sample")
 def sample_command(
@@ -100,12 +104,11 @@ def sample_command(
     process: str = typer.Option("discrete_vp", help=PROCESS_HELP),
     problem: str = typer.Option("ring2d", help="Exact Gaussian-mixture model: ring2d or mixture16d."),
     model: str = typer.Option(None, help=MODEL_HELP),
-    n: int = typer.Option(1000, min=1, help="Number of samples."),
+    n: int = typer.Option(1000, "--n", "--num-samples", min=1, help=N_HELP),
     seed: int = SEED,
     out: Path = typer.Option(Path("out/samples.npy"), help="Output .npy (array) or .png (2-D scatter or image grid)."),
     batch_size: int = typer.Option(256, min=1, help="With --model: samples per batch (sample i is the same at any size)."),
-    shard_size: int = typer.Option(10_000, min=1, help="With --model and .npy: above this --n, write resumable shards "
-                                                       "x-00000.npy, ... and x-index.json."),  # fmt: skip
+    shard_size: int = typer.Option(10_000, min=1, help=SHARD_HELP),
     class_label: str = typer.Option(None, help="With a class-conditional --model: a label, or labels cycled over samples."),
     guidance: float = typer.Option(None, help="With a class-conditional --model: classifier-free guidance scale."),
     uncond_label: int = typer.Option(None, help="With --guidance: the label the model was trained on as 'no class'."),

@@ -6,6 +6,10 @@ Sample i of `--seed S` starts from its own noise (`fewstep.sharded`), so the sam
 wrapped by `fewstep.from_diffusers`; a class-conditional UNet (num_class_embeds) takes `--class-label` and, with the
 label it was trained to treat as "no class", classifier-free guidance (`--guidance S --uncond-label L`; 2 NFE per
 step, Ho & Salimans 2022). Bad input ends in a usage error naming the option.
+
+Under `torchrun --nproc_per_node P -m fewstep.cli sample --model ... --num-samples N --out x.npy --shard-size K` the P
+processes split the shards (shard k on rank k % P; `fewstep.sharded`): the files are those of the one-process run,
+and a rerun with any P resumes. RANK / WORLD_SIZE / LOCAL_RANK that do not fit together end in a usage error.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 import typer
 
 from .grids import SCHEDULES
+from .sharded import Ranks
 from .train.cli import choice, parse_ints, usage_errors, writable_file
 
 IMAGE_GRID_MAX = 256  # samples shown in a .png grid
@@ -67,30 +72,37 @@ class Source:
 def sample_model(req: ModelRequest, console) -> None:
     """Run `fewstep sample --model` for `req`, printing to `console` (a rich Console)."""
     _check_request(req)
+    ranks = _ranks(req)
     source = load_source(req.model, req.scheduler_config)
     labels = class_labels(source, req)
     plan = sampling_plan(source, req)
     nfe_used: list[int] = []
     draw = make_draw(source, plan, labels, req, nfe_used)
     shards = req.out.suffix == ".npy" and req.n > req.shard_size
-    from .sharded import check_resume, sample_range, save_npy, write_shards
+    from .sharded import check_resume, rank_barrier, sample_range, save_npy, write_shards
 
     if shards:
         settings = _settings(source, req, plan, labels)
         with usage_errors("--out"):
             check_resume(req.out, n=req.n, shard_size=req.shard_size, settings=settings)
-    with _progress(req.n) as bar, usage_errors(options=PLAN_OPTIONS):
+    total = _rank_rows(req, ranks) if shards else req.n
+    with _progress(total, ranks.rank > 0) as bar, usage_errors(options=PLAN_OPTIONS), rank_barrier(ranks) as barrier:
 
         def make(start: int, stop: int) -> torch.Tensor:
             return sample_range(draw, source.shape, req.seed, start, stop, batch_size=req.batch_size, on_batch=bar.update)
 
         if shards:
-            index = write_shards(req.out, make, n=req.n, shard_size=req.shard_size, settings=settings, log=bar.write)
+            log = bar.write if ranks.world_size == 1 else lambda text: bar.write(f"rank {ranks.rank}: {text}")
+            index = write_shards(req.out, make, n=req.n, shard_size=req.shard_size, settings=settings, log=log,
+                                 ranks=ranks, barrier=barrier)  # fmt: skip
         else:
             x = make(0, req.n)
-    what = f"{req.n} samples of {req.model}, {_describe(plan, nfe_used)}"
+    if ranks.rank > 0:
+        return
+    what = f"{req.n} samples of {req.model}, {_describe(plan, nfe_used, ranks.world_size)}"
     if shards:
-        console.print(f"{what}, wrote {-(-req.n // req.shard_size)} shards and their index {index}")
+        over = f" over {ranks.world_size} processes" if ranks.world_size > 1 else ""
+        console.print(f"{what}, wrote {-(-req.n // req.shard_size)} shards{over} and their index {index}")
         return
     if req.out.suffix == ".npy":
         save_npy(req.out, x)
@@ -125,6 +137,30 @@ def _check_request(req: ModelRequest) -> None:
             "label the model was trained to treat as 'no class'",
             param_hint="--guidance/--uncond-label",
         )
+
+
+RANK_OPTIONS = {name: name for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+
+def _ranks(req: ModelRequest) -> Ranks:
+    """This process's Ranks (torchrun / accelerate launch); several processes need shards to split."""
+    from .sharded import ranks_from_env
+
+    with usage_errors(options=RANK_OPTIONS):
+        ranks = ranks_from_env()
+    if ranks.world_size > 1 and not (req.out.suffix == ".npy" and req.n > req.shard_size):
+        raise typer.BadParameter(
+            f"{ranks.world_size} processes (WORLD_SIZE) split the samples by shard: give --out x.npy and a --shard-size "
+            f"below --n={req.n} (e.g. {max(1, -(-req.n // (2 * ranks.world_size)))})",
+            param_hint="--shard-size",
+        )
+    return ranks
+
+
+def _rank_rows(req: ModelRequest, ranks: Ranks) -> int:
+    """How many samples this rank's shards hold (its progress bar's total)."""
+    count = -(-req.n // req.shard_size)
+    return sum(min((k + 1) * req.shard_size, req.n) - k * req.shard_size for k in ranks.shards(count))
 
 
 def load_source(name: str, scheduler_config: Path | None) -> Source:
@@ -254,10 +290,10 @@ def _settings(source: Source, req: ModelRequest, plan: dict[str, Any], labels: l
             "guidance": req.guidance}  # fmt: skip
 
 
-def _describe(plan: dict[str, Any], nfe_used: list[Any]) -> str:
+def _describe(plan: dict[str, Any], nfe_used: list[Any], world_size: int = 1) -> str:
     """What was run, e.g. "dpmpp_2m 3 steps, NFE 4" (the auto choice with its reason)."""
     if not nfe_used:
-        return "nothing sampled: every shard was complete"
+        return "nothing sampled: every shard was complete" if world_size == 1 else "rank 0 had no shard left to sample"
     nfe, choice_record = nfe_used
     if choice_record is not None:
         c = choice_record
@@ -265,7 +301,7 @@ def _describe(plan: dict[str, Any], nfe_used: list[Any]) -> str:
     return f"{plan['solver']} {plan['steps']} steps, NFE {nfe}"
 
 
-def _progress(total: int):
+def _progress(total: int, disable: bool = False):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="sampling", unit="sample", leave=False)
+    return tqdm(total=total, desc="sampling", unit="sample", leave=False, disable=disable)
