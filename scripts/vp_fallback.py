@@ -7,11 +7,13 @@ Exact beds: mixture_nd seeds 7-9 (8-d, 4 components) and ring2d on the same two 
 flow map. Printed per candidate and bed: ratio of its error to the best peer's at NFE 3-20, and the worst over beds.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python scripts/vp_fallback.py [--seed 4] [--out out/vpfb/sweep.json]  (~15 min)
+[--models digits_vp,digits_cosine_v,out/heldout/moons_vp/checkpoint.json] [--no-exact] (checkpoints: 1,000 noises)
 """
 
 import argparse
 import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -43,14 +45,17 @@ def candidate(model, noise, process, prediction, nfe, solver, grid, end):
                           schedule=grid, t_end=t_end, denoise_to_zero=denoise)  # fmt: skip
 
 
-def beds(seed: int):
-    for name in ("digits_vp", "digits_cosine_v"):
+def beds(seed: int, models: list[str], exact: bool):
+    for name in models:
         loaded = load_model(name)
-        noise = torch.randn(128, *sample_shape(loaded), generator=torch.Generator().manual_seed(seed))
+        count = 128 if name.startswith("digits") else 1000
+        noise = torch.randn(count, *sample_shape(loaded), generator=torch.Generator().manual_seed(seed))
         m, process, prediction = loaded.model, loaded.process, loaded.prediction
         with torch.no_grad():
             reference = fewstep.sample(m, noise, process=process, prediction=prediction, steps=200, schedule="logsnr")
-        yield f"L:{name}", m, process, prediction, noise, reference
+        yield f"L:{Path(name).parent.name if name.endswith('.json') else name}", m, process, prediction, noise, reference
+    if not exact:
+        return
     for process, prediction, tag in ((fewstep.DiscreteVP.linear(), "eps", "lin"), (fewstep.DiscreteVP.cosine(), "v", "cos")):
         for prob in ("mixture_nd7", "mixture_nd8", "mixture_nd9", "ring2d"):
             mixture = fewstep.ring2d() if prob == "ring2d" else fewstep.mixture_nd(dim=8, components=4, seed=int(prob[-1]))
@@ -64,9 +69,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=4)
     parser.add_argument("--out", default="out/vpfb/sweep.json")
+    parser.add_argument("--models", default="digits_vp,digits_cosine_v", help="shipped names or checkpoint paths")
+    parser.add_argument("--no-exact", action="store_true", help="learned beds only")
     args = parser.parse_args()
     records = []
-    for bed, model, process, prediction, noise, reference in beds(args.seed):
+    for bed, model, process, prediction, noise, reference in beds(args.seed, args.models.split(','), not args.no_exact):
         target = peer_lib.Target(model, process, prediction)
         runs = peer_lib.peers(target)
         for nfe in NFES:

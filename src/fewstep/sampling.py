@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .checks import check_steps
 from .grids import ScheduleLike, time_grid
-from .parameterization import Coefficients, Denoiser, Model, check_convertible, check_prediction
+from .parameterization import Denoiser, Model, check_convertible, check_prediction
 from .processes import Process
 from .solvers import Run, get_solver, reindex, solver_specs
+from .solvers._core import GridValues, grid_values
 from .tuning import Tuning, choose
 
 LOWER_ORDER_FINAL_BELOW = 15  # steps; as diffusers' DPMSolverMultistepScheduler (lower_order_final)
@@ -52,8 +53,8 @@ def sample(
         with x [batch, ...] and t [batch] in the process's own time.
     noise: standard normal [batch, ...]; sampling starts at x = sigma(t_start) * noise, t_start = process.t_max.
     schedule: a grid name (see `fewstep.SCHEDULES`), a `fewstep.Schedule(name, rho=...)` with parameters, a
-        decreasing tensor of steps + 1 times, a searched schedule (`fewstep.optimize_schedule`), or None for the
-        process's default.
+        decreasing tensor of steps + 1 times, a searched schedule (`fewstep.optimize_schedule`), a `PreparedGrid`
+        (`prepare_grid`: a grid validated once for many runs), or None for the process's default.
     denoise_to_zero: finish with the data prediction at t_end (one more evaluation, skipped where sigma(t_end) = 0,
         and for a solver whose last step returns the data prediction itself, "consistency").
         Otherwise multistep solvers lower their order over the last steps when steps < 15.
@@ -115,21 +116,23 @@ def sample(
     for name, flag in (("denoise_to_zero", denoise_to_zero), ("progress", progress), ("differentiable", differentiable)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {name}={flag!r}")
-    t_start = process.t_max if t_start is None else t_start
-    t_end = process.t_min if t_end is None else t_end
-    ts = time_grid(process, steps, t_start, t_end, schedule)  # validates the times, their order and the grid
-    sigma_end = float(process.sigma(float(ts[-1])))
+    if isinstance(schedule, PreparedGrid):
+        grid = schedule.checked(process, steps, t_start, t_end)
+    else:  # validates the times, their order and the grid
+        grid = prepare_grid(process, steps, schedule, t_start=t_start, t_end=t_end)
+    ts, sigma_end = grid.ts, grid.sigma_end
     final_denoise = denoise_to_zero and sigma_end > 0 and not spec.returns_x0  # a consistency sampler ends on x0
     denoiser = Denoiser(model, process, prediction, x0_fn=x0_fn, solver=solver)
     run = Run(
         denoiser,
         ts,
+        values=grid.values,
         lower_order_final=not final_denoise and sigma_end > 0 and steps < LOWER_ORDER_FINAL_BELOW,
         generator=generator,
         callback=callback,
         progress=progress,
     )
-    _check_evaluation_times(run, prediction, final_denoise)
+    _check_evaluation_times(run, grid.values, prediction, final_denoise)
     with torch.enable_grad() if differentiable else torch.no_grad():
         x = run.sigma[0] * noise
         x = spec.fn(run, x, **options)
@@ -140,6 +143,41 @@ def sample(
     denoiser.raise_if_not_finite()
     x.nfe = denoiser.nfe
     return x
+
+
+class PreparedGrid(NamedTuple):
+    """A time grid ts [steps + 1] validated for a process, with what `sample` computes from it (`GridValues`, the
+    sigma at its end): `sample(..., schedule=prepare_grid(...))` skips that work, for many runs on one grid (as
+    `FewstepScheduler` makes at every `set_timesteps`). It sets t_start and t_end itself (its first and last time)."""
+
+    ts: torch.Tensor
+    values: GridValues
+    sigma_end: float
+
+    def checked(self, process: Process, steps: int, t_start: float | None = None, t_end: float | None = None) -> PreparedGrid:
+        """Itself, or a ValueError naming `schedule` when it was prepared for another process or step count (or naming
+        t_start / t_end when they are given: the prepared grid fixes them)."""
+        if t_start is not None or t_end is not None:
+            raise ValueError("t_start and t_end are set by the grid when schedule is a PreparedGrid; prepare it with them")
+        if self.values.process is not process:
+            raise ValueError(f"schedule is a PreparedGrid of {self.values.process!r}, not of process={process!r}")
+        if len(self.values.t) != steps + 1:
+            n = len(self.values.t) - 1
+            raise ValueError(f"schedule is a PreparedGrid of {n} steps but steps={steps}; pass steps={n}")
+        return self
+
+
+def prepare_grid(
+    process: Process, steps: int, schedule: ScheduleLike = None, *, t_start: float | None = None, t_end: float | None = None
+) -> PreparedGrid:
+    """The `PreparedGrid` of `time_grid(process, steps, t_start, t_end, schedule)`, with `sample`'s defaults
+    (t_start = process.t_max, t_end = process.t_min); raises what `time_grid` raises."""
+    if not isinstance(process, Process):
+        raise TypeError(f"process must be a fewstep Process (e.g. fewstep.EDM()), got {type(process).__name__}")
+    t_start = process.t_max if t_start is None else t_start
+    t_end = process.t_min if t_end is None else t_end
+    ts = time_grid(process, steps, t_start, t_end, schedule)
+    return PreparedGrid(ts, grid_values(process, ts), float(process.sigma(float(ts[-1]))))
 
 
 class KeywordModel:
@@ -257,7 +295,7 @@ def _check_generator(generator: Any, batch: int) -> None:
         )
 
 
-def _check_evaluation_times(run: Run, prediction: str, final_denoise: bool) -> None:
+def _check_evaluation_times(run: Run, values: GridValues, prediction: str, final_denoise: bool) -> None:
     """Reject up front a prediction that cannot give (x0, eps) at a grid time where the solvers evaluate the model.
 
     Solvers evaluate at the grid points 0..steps-1 (and at steps with the final denoising); off-grid stage times lie
@@ -266,5 +304,4 @@ def _check_evaluation_times(run: Run, prediction: str, final_denoise: bool) -> N
     last = run.steps if final_denoise else run.steps - 1
     for i in range(last + 1):
         name = "t_start" if i == 0 else "t_end" if i == run.steps else f"schedule[{i}]"
-        c = Coefficients(run.alpha[i], run.sigma[i], run.dalpha[i], run.dsigma[i])
-        check_convertible(prediction, run.process, run.t[i], name, c)
+        check_convertible(prediction, run.process, run.t[i], name, values.coefficients[i])

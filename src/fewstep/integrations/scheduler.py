@@ -32,6 +32,7 @@ from ..checks import check_steps
 from ..grids import PARAMETERS, SCHEDULES, Schedule, ScheduleLike, check_grid, time_grid
 from ..parameterization import Coefficients, to_x0_eps
 from ..processes import Process
+from ..sampling import PreparedGrid, prepare_grid
 from ..sampling import sample as fewstep_sample
 from ..solvers import get_solver
 from ..tuning import Tuning, choose, model_key
@@ -227,6 +228,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._thread: SolverGreenlet | SolverThread | None = None
         self._plan: EvaluationPlan | None = None
         self._grid: torch.Tensor | None = None
+        self._prepared: PreparedGrid | None = None
         self._denoise = self.config.denoise_to_zero
         self._step_index: int | None = None
         self._begin_index: int | None = None
@@ -325,7 +327,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         ends_at_data = denoise or float(process.sigma(float(grid[-1]))) == 0
         model_timesteps = conv.timestep(times)
         return _PlannedRun(
-            convention=conv, grid=grid, denoise=denoise, plan=plan, solver=self._solver, options=self._options,
+            convention=conv, grid=grid, prepared=prepare_grid(process, len(grid) - 1, grid), denoise=denoise, plan=plan,
+            order=plan.per_step() or 1, solver=self._solver, options=self._options,
             stochastic=self._stochastic, choice=self.choice, coefficients=_coefficients(process, times),
             timestep_values=model_timesteps.tolist(), timesteps=model_timesteps,
             sigmas=_pipeline_sigmas(conv, torch.cat([times, grid[-1:]]), ends_at_data),
@@ -335,11 +338,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _apply(self, planned: _PlannedRun, device: str | torch.device | None) -> None:
         """Make `planned` the current run (the pipeline-visible tensors are fresh copies, on `device`)."""
         self._convention, self._grid, self._denoise, self._plan = planned.convention, planned.grid, planned.denoise, planned.plan
+        self._prepared = planned.prepared
         self._solver, self._options, self._stochastic = planned.solver, planned.options, planned.stochastic
         self.choice = None if planned.choice is None else dict(planned.choice)
         self._coefficients, self._timestep_values = planned.coefficients, planned.timestep_values
-        self.num_inference_steps = len(planned.grid) - 1
-        self.order = planned.plan.per_step() or 1
+        self.num_inference_steps = planned.grid.shape[0] - 1
+        self.order = planned.order
         dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64  # no float64 on MPS
         self.timesteps = planned.timesteps.to(device=device, dtype=dtype, copy=True)
         self.sigmas = planned.sigmas.clone()
@@ -455,7 +459,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         x0 = conv.x0_fn(x0) if conv.x0_fn is not None else x0
         message = self._thread.tell(out)
         self._step_index = k + 1
-        last = k + 1 == len(self._plan.times)
+        last = k + 1 == len(self._timestep_values)
         if isinstance(message, Done) != last:
             raise RuntimeError(f"the solver's evaluations diverged from its plan at evaluation {k} (a fewstep bug)")
         prev = message.x if message.x.dtype == sample.dtype else message.x.to(sample.dtype)
@@ -467,13 +471,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def _index_of(self, timestep: Any) -> int:
         """The evaluation index this step() is for, checking `timestep` against it (host sync only where unavoidable)."""
-        n = len(self._plan.times)
+        n = len(self._timestep_values)
         if self._step_index is None:
             self._step_index = self._begin_index if self._begin_index is not None else self._first_index(timestep)
         k = self._step_index
         if k >= n:
             raise ValueError(f"all {n} evaluations of this run are done; call set_timesteps to sample again")
-        expected = self._cpu_timestep(k)
+        expected = self._timestep_values[k]
         given = self._timestep_value(timestep, k)
         if given is not None and not abs(given - expected) <= TIMESTEP_TOLERANCE * max(1.0, abs(expected)):
             raise ValueError(
@@ -481,9 +485,6 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 "scheduler.timesteps in order, once each, after set_timesteps (and set_begin_index for img2img)"
             )
         return k
-
-    def _cpu_timestep(self, k: int) -> float:
-        return self._timestep_values[k]
 
     def _timestep_value(self, timestep: Any, k: int) -> float | None:
         """timestep as a float; None when it is element k of `self.timesteps` itself (checked without a device sync)."""
@@ -517,7 +518,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             return offset
         value = self._timestep_value(timestep, -1)  # a float (a Python number is not rounded to float32 first)
         for k in self._plan.step_starts:
-            expected = self._cpu_timestep(k)
+            expected = self._timestep_values[k]
             if abs(value - expected) <= TIMESTEP_TOLERANCE * max(1.0, abs(expected)):
                 if k:
                     self.set_begin_index(k)
@@ -530,14 +531,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _start(self, sample: torch.Tensor, k: int) -> Ask:
         """Start fewstep.sample in the worker from `sample` at the grid time of evaluation k; returns its first ask."""
         conv, plan = self._convention, self._plan
-        grid = self._grid[plan.step_starts.index(k) :]
+        j = plan.step_starts.index(k)
+        grid = self._grid[j:]
+        schedule = self._prepared if j == 0 else grid
         noise = sample.detach().to(_internal_dtype(sample.dtype)) / self._coefficients[k].sigma  # sigma at grid[0]
         options, denoise, solver = self._options, self._denoise, self._solver
         source = self._generator if self._stochastic else None
 
         def solve(model):
             return fewstep_sample(model, noise, process=conv.process, prediction=conv.prediction, solver=solver,
-                                  steps=len(grid) - 1, schedule=grid, denoise_to_zero=denoise, generator=source,
+                                  steps=len(grid) - 1, schedule=schedule, denoise_to_zero=denoise, generator=source,
                                   x0_fn=conv.x0_fn, **options)  # fmt: skip
 
         self._thread = solver_run(solve)
@@ -592,8 +595,10 @@ class _PlannedRun:
 
     convention: Convention
     grid: torch.Tensor
+    prepared: PreparedGrid  # the grid with fewstep.sample's own per-grid work done (sampling from its start)
     denoise: bool
     plan: EvaluationPlan
+    order: int  # evaluations per step (1 where steps differ in cost)
     solver: str
     options: dict[str, Any]
     stochastic: bool

@@ -14,7 +14,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -76,10 +76,33 @@ def solver_specs() -> dict[str, SolverSpec]:
     return dict(sorted(_REGISTRY.items()))
 
 
+class GridValues(NamedTuple):
+    """The times and coefficients of a grid of `process` (float64 Python floats per grid point i = 0..steps), and
+    the `Coefficients` of every point: what `Run` needs of its grid, computable once for many runs on one grid."""
+
+    process: Process
+    t: tuple[float, ...]
+    alpha: tuple[float, ...]
+    sigma: tuple[float, ...]
+    log_snr: tuple[float, ...]
+    dalpha: tuple[float, ...]
+    dsigma: tuple[float, ...]
+    coefficients: tuple[Coefficients, ...]
+
+
+def grid_values(process: Process, ts: torch.Tensor) -> GridValues:
+    """`GridValues` of the float64 times ts [steps + 1] under `process`."""
+    functions = (process.alpha, process.sigma, process.log_snr, process.dalpha_dt, process.dsigma_dt)
+    alpha, sigma, log_snr, dalpha, dsigma = (tuple(f(ts).tolist()) for f in functions)
+    coefficients = tuple(Coefficients(*c) for c in zip(alpha, sigma, dalpha, dsigma, strict=True))
+    return GridValues(process, tuple(ts.tolist()), alpha, sigma, log_snr, dalpha, dsigma, coefficients)
+
+
 class Run:
     """One sampling run: the time grid with its coefficients, the wrapped model, and the final-step policy.
 
     Lists of Python floats indexed by grid point i = 0..steps: t, alpha, sigma, log_snr, dalpha, dsigma.
+    `values`: the grid's `GridValues` when already computed (else computed here from ts).
     `lower_order_final`: multistep solvers lower their order over the last steps (see `order_at`).
     """
 
@@ -88,22 +111,26 @@ class Run:
         denoiser: Denoiser,
         ts: torch.Tensor,
         *,
+        values: GridValues | None = None,
         lower_order_final: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
         callback: Callable[[dict[str, Any]], None] | None = None,
         progress: bool = False,
     ):
         process: Process = denoiser.process
+        values = grid_values(process, ts) if values is None else values
+        if values.process is not process or len(values.t) != ts.shape[0]:
+            raise ValueError("values must be the GridValues of ts under the denoiser's process")
         self.denoiser = denoiser
         self.process = process
-        self.steps = len(ts) - 1
-        self.t: list[float] = ts.tolist()
-        self.alpha: list[float] = process.alpha(ts).tolist()
-        self.sigma: list[float] = process.sigma(ts).tolist()
-        self.log_snr: list[float] = process.log_snr(ts).tolist()
-        self.dalpha: list[float] = process.dalpha_dt(ts).tolist()
-        self.dsigma: list[float] = process.dsigma_dt(ts).tolist()
-        self._coefficients = [Coefficients(*c) for c in zip(self.alpha, self.sigma, self.dalpha, self.dsigma, strict=True)]
+        self.steps = len(values.t) - 1
+        self.t: list[float] = list(values.t)
+        self.alpha: list[float] = list(values.alpha)
+        self.sigma: list[float] = list(values.sigma)
+        self.log_snr: list[float] = list(values.log_snr)
+        self.dalpha: list[float] = list(values.dalpha)
+        self.dsigma: list[float] = list(values.dsigma)
+        self._coefficients = list(values.coefficients)
         self.lower_order_final = lower_order_final
         self.generator = generator
         self.callback = callback
@@ -150,17 +177,17 @@ class Run:
         The state's finiteness needs no flag here: x is the input of the next evaluation, whose flag the Denoiser
         records, and `sample` flags the final output (one reduction per evaluation saved).
         """
-        index = None
-        if self.callback is not None:
-            index = self.callback(
-                {
-                    "step": i,
-                    "t": self.t[i + 1],
-                    "x": x,
-                    "x0": None if prediction is None else prediction.x0,
-                    "nfe": self.denoiser.nfe,
-                }
-            )
+        if self.callback is None:
+            return (x, *state) if state else x
+        index = self.callback(
+            {
+                "step": i,
+                "t": self.t[i + 1],
+                "x": x,
+                "x0": None if prediction is None else prediction.x0,
+                "nfe": self.denoiser.nfe,
+            }
+        )
         if isinstance(index, torch.Tensor):
             batch = x.shape[0]
             if index.dtype not in (torch.int64, torch.int32) or index.shape != (batch,):

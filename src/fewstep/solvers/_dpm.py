@@ -54,7 +54,10 @@ def log_snr_node(run: Run, lam: float) -> Node:
 
 def finite(*nodes: Node) -> bool:
     """Whether every node has a finite log-SNR (else only a first-order step is defined)."""
-    return all(math.isfinite(n.lam) for n in nodes)
+    for n in nodes:  # a loop, not all(...): no generator in the sampling loop
+        if not math.isfinite(n.lam):
+            return False
+    return True
 
 
 def _h_phi(k: int, h: float, z: float) -> float:

@@ -57,9 +57,17 @@ def run_pipeline(pipe, scheduler, nfe: int, n: int, seed: int) -> tuple[torch.Te
 
 
 def bench_pipeline(
-    models: Sequence[str], nfes: Sequence[int], n: int, seed: int, log: Callable[[str], None] = print
+    models: Sequence[str],
+    nfes: Sequence[int],
+    n: int,
+    seed: int,
+    log: Callable[[str], None] = print,
+    schedulers: Sequence[str] = SCHEDULERS,
 ) -> dict[str, dict[str, dict[int, tuple[float, int]]]]:
-    """{model: {scheduler: {nfe: (FD, network calls)}}}."""
+    """{model: {scheduler: {nfe: (FD, network calls)}}} for `schedulers` (labels of SCHEDULERS)."""
+    unknown = [label for label in schedulers if label not in SCHEDULERS]
+    if unknown:
+        raise ValueError(f"schedulers {unknown} are not known; allowed values: {', '.join(SCHEDULERS)}")
     from ..integrations.export import to_pipeline
     from ..shipped import load_model
     from .bench_learned import digits_fd
@@ -71,7 +79,7 @@ def bench_pipeline(
         pipe = to_pipeline(loaded)
         pipe.set_progress_bar_config(disable=True)
         out[name] = {}
-        for label in SCHEDULERS:
+        for label in schedulers:
             out[name][label] = {}
             for nfe in nfes:
                 x, calls = run_pipeline(pipe, _scheduler(label, pipe, loaded), nfe, n, seed)
@@ -105,10 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nfes", default="4,5,6,8,10")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=2)
+    parser.add_argument("--schedulers", default=";".join(SCHEDULERS), help="labels separated by ; (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    results = bench_pipeline(args.models.split(","), [int(k) for k in args.nfes.split(",")], args.n, args.seed)
+    results = bench_pipeline(args.models.split(","), [int(k) for k in args.nfes.split(",")], args.n, args.seed,
+                             schedulers=args.schedulers.split(";"))  # fmt: skip
     print(markdown(results, args.n, args.seed))
     print(f"`python -m fewstep.tools.bench_pipeline --models {args.models} --nfes {args.nfes} --n {args.n} "
           f"--seed {args.seed}`: {time.perf_counter() - start:.0f} s")  # fmt: skip
