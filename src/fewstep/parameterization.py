@@ -315,7 +315,10 @@ class Denoiser:
         """One device sync: raise naming the first flag (in order of computation) that is NaN or Inf."""
         if not self._finite_flags:
             return
-        flags = torch.isfinite(torch.stack([f.value.to(torch.float64) for f in self._finite_flags]))
+        values = [f.value for f in self._finite_flags]
+        if any(v.dtype != values[0].dtype for v in values):  # finiteness survives the cast to float64
+            values = [v.to(torch.float64) for v in values]
+        flags = torch.isfinite(torch.stack(values))
         if bool(flags.all()):
             return
         flag = self._finite_flags[int((~flags).nonzero()[0, 0])]
