@@ -77,17 +77,7 @@ def main() -> None:
         target = peer_lib.Target(model, process, prediction)
         runs = peer_lib.peers(target)
         for nfe in NFES:
-            best_peer, best_label = math.inf, ""
-            for label, run in runs.items():
-                try:
-                    with torch.no_grad():
-                        x = peer_lib.run_at_nfe(run, target, noise, nfe)
-                except Exception:  # noqa: BLE001 - a peer's own failure
-                    continue
-                if x is not None:
-                    e = rms_error(x, reference)
-                    if math.isfinite(e) and e < best_peer:
-                        best_peer, best_label = e, label
+            best_peer, best_label = peer_lib.best_at_nfe(runs, target, noise, reference, nfe)
             cells = {}
             for solver in SOLVERS:
                 for grid in GRIDS:

@@ -13,7 +13,6 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python scripts/vp_rule_heldout.py [--out out/vp
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -65,16 +64,10 @@ def main() -> None:
         target = peer_lib.Target(model, process, prediction)
         runs = {} if known else peer_lib.peers(target)
         for nfe in NFES:
-            best, best_label = (known[bed, nfe]["peer"], known[bed, nfe]["peer_label"]) if known else (math.inf, "")
-            for label, run in runs.items():
-                try:
-                    with torch.no_grad():
-                        x = peer_lib.run_at_nfe(run, target, noise, nfe)
-                except Exception:  # noqa: BLE001 - a peer's own failure
-                    continue
-                e = math.inf if x is None else rms_error(x, reference)
-                if math.isfinite(e) and e < best:
-                    best, best_label = e, label
+            if known:
+                best, best_label = known[bed, nfe]["peer"], known[bed, nfe]["peer_label"]
+            else:
+                best, best_label = peer_lib.best_at_nfe(runs, target, noise, reference, nfe)
             kwargs = fewstep.recommended(nfe, process)
             with torch.no_grad():
                 ours = rms_error(fewstep.sample(model, noise, process=process, prediction=prediction, **kwargs), reference)

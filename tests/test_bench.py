@@ -45,3 +45,20 @@ def test_run_at_nfe_returns_none_when_unreachable():
 
     assert peers.run_at_nfe(two_per_step, fewstep.ring2d(), torch.zeros(1, 2), 5) is None
     assert peers.run_at_nfe(two_per_step, fewstep.ring2d(), torch.zeros(1, 2), 6) is not None
+
+
+def test_best_at_nfe_is_the_least_error_of_the_peers_that_run():
+    target = peers.mixture_target(fewstep.ring2d())
+    noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reference = torch.zeros_like(noise)
+
+    def scaled(c):
+        return lambda target, x, steps: (c * x, 2 * steps)
+
+    def broken(target, x, steps):
+        raise IndexError("a peer's own failure")
+
+    runs = {"a": scaled(2.0), "b": scaled(0.5), "nan": scaled(float("nan")), "broken": broken}
+    error, name = peers.best_at_nfe(runs, target, noise, reference, 4)
+    assert name == "b" and error == pytest.approx(0.5 * float(noise.pow(2).mean().sqrt()))
+    assert peers.best_at_nfe(runs, target, noise, reference, 5) == (math.inf, "")  # 2 evaluations per step

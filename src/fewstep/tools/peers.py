@@ -247,6 +247,24 @@ def run_at_nfe(peer: PeerRun, target: Target | GaussianMixture, noise: torch.Ten
     return None
 
 
+def best_at_nfe(
+    runs: dict[str, PeerRun], target: Target, noise: torch.Tensor, reference: torch.Tensor, nfe: int
+) -> tuple[float, str]:
+    """(RMS error to `reference`, name) of the most accurate of `runs` at exactly `nfe` evaluations ((inf, "") when
+    none runs there); a peer's own failure counts as not running."""
+    best, best_name = math.inf, ""
+    for name, run in runs.items():
+        try:
+            with torch.no_grad():
+                x = run_at_nfe(run, target, noise, nfe)
+        except Exception:  # noqa: BLE001 - a peer's own failure (e.g. an IndexError in its timestep bookkeeping)
+            continue
+        error = math.inf if x is None else rms_error(x, reference)
+        if math.isfinite(error) and error < best:
+            best, best_name = error, name
+    return best, best_name
+
+
 SEARCHED_LABEL = "fewstep searched grid"
 
 
