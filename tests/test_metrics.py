@@ -316,3 +316,26 @@ def test_tile_layout():
     assert grid.shape == (2 * 3 + 1, 2 * 3 + 1)
     assert (grid[1:3, 1:3] == 0).all() and (grid[1:3, 4:6] == 1).all() and (grid[4:6, 1:3] == 0.5).all()
     assert grid[0, 0] == 0.5 and (grid[4:6, 4:6] == 0.5).all()  # border and the empty last cell
+
+
+def test_evaluate_digits_runs_the_choosers_rows_as_sample_would():
+    """The "auto" row is `sample(solver="auto")` with the shipped tuning (through the demo's evaluation cache), the
+    "recommended" row `fewstep.recommended`'s plan: same samples, hence the same FD, as calling them directly."""
+    from fewstep.shipped import load_model
+    from fewstep.tools.digits_demo import SharedEvaluations
+    from fewstep.tools.evaluate import evaluate_digits, sample_metrics
+
+    loaded = load_model("digits_vp")
+    kept = {}
+    rows = evaluate_digits(SharedEvaluations(loaded.model), process=loaded.process, prediction=loaded.prediction,
+                           solvers=["auto", "recommended"], nfes=[5], n=32, seed=3,
+                           on_cell=lambda row, x: kept.setdefault(row.solver, x))  # fmt: skip
+    noise = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    auto = fewstep.sample(loaded.model, noise, process=loaded.process, prediction=loaded.prediction, solver="auto", nfe=5)
+    assert auto.choice["source"] == "tuned" and rows[0].steps == auto.choice["steps"] and rows[0].nfe == 5
+    plan = fewstep.recommended(5, loaded.process)
+    fallback = fewstep.sample(loaded.model, noise, process=loaded.process, prediction=loaded.prediction, **plan)
+    assert rows[1].steps == plan["steps"] and rows[1].nfe == 5
+    for row, direct in zip(rows, (auto, fallback), strict=True):
+        assert torch.allclose(kept[row.solver], direct, atol=1e-5)
+        assert row.fd == pytest.approx(sample_metrics(direct)["fd"], rel=1e-3)

@@ -24,7 +24,7 @@ app.add_typer(bench_app, name="bench")
 console = Console()
 
 DEMO_SOLVERS = ("ddim", "euler", "heun", "dpmpp_2m", "deis", "ipndm")
-DIGITS_SOLVERS = ("ddim", "dpmpp_2m", "unipc", "deis", "ipndm")
+DIGITS_SOLVERS = ("ddim", "dpmpp_2m", "unipc", "deis", "ipndm", "recommended", "auto")
 DEMO_NFES = (5, 10, 20)
 DIGITS_NFES = (5, 10)  # the few-step budgets where the solvers differ; --full adds 20 (about 1 minute more)
 
@@ -76,7 +76,7 @@ def demo_command(
 
     writable_dir(out, "--out")
     digits_nfes = DEMO_NFES if full else DIGITS_NFES
-    console.rule("1. shipped digits model (DiscreteVP, eps): Fréchet distance vs NFE, quadratic grid")
+    console.rule("1. shipped digits model (DiscreteVP, eps): Fréchet distance vs NFE (fixed solvers: quadratic grid)")
     digits = digits_demo(out, nfes=digits_nfes, solvers=DIGITS_SOLVERS, n=samples, seed=seed, schedule="quadratic")
     atomic_write_text(out / "demo_digits.md", digits)
     console.print(digits)

@@ -245,7 +245,7 @@ def choose(
             elif (t_start is not None and t_start != entry.times[0]) or (t_end is not None and t_end != entry.times[-1]):
                 reason = f"the tuned grid runs from t={entry.times[0]} to t={entry.times[-1]}, not the t_start/t_end asked for"
             else:
-                reason = f"tuned: RMS error {entry.error:.3g} vs the fallback's {entry.fallback_error:.3g}"
+                reason = f"tuned: RMS error {entry.error:.3g} vs {entry.fallback_error:.3g} for the fallback of the tuning's time"
                 record = dict(source="tuned", solver=entry.solver, schedule=entry.grid, steps=entry.steps, nfe=nfe, reason=reason)
                 return entry.sample_kwargs(), record
     kwargs = recommended(nfe, process, t_start=t_start, t_end=t_end)

@@ -51,6 +51,11 @@ class SharedEvaluations:
     def __init__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
         self.model, self.outputs = model, {}
         self.calls = self.hits = 0
+        self.tuning = getattr(model, "tuning", None)  # solver="auto" finds the wrapped model's tuning ...
+        if self.tuning is not None:
+            from ..tuning import model_key
+
+            self.tuning_key = model_key(model)  # ... and matches it to the wrapped model's weights
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         key = _digest(x) + _digest(t) + str(tuple(x.shape))

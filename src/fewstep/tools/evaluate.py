@@ -26,6 +26,7 @@ from ..io import atomic_write_text, save_figure
 from ..metrics import frechet_distance, precision_recall
 from ..parameterization import Model
 from ..processes import Process
+from ..recommend import recommended
 from ..sampling import sample
 from ..shipped import SHIPPED_MODELS, load_model
 from ..solvers import get_solver, solver_specs
@@ -67,11 +68,31 @@ def sample_metrics(samples: torch.Tensor, reference: torch.Tensor | None = None,
     return {"fd": frechet_distance(reference, feats), **class_statistics(logits), "precision": precision, "recall": recall}
 
 
+# rows that choose their own solver and grid per budget: fewstep.sample(solver="auto") (the model's tuning, else the
+# fallback) and the fallback fewstep.recommended itself; their steps are whatever the choice runs
+CHOOSERS = ("auto", "recommended")
+
+
 def plan_grid(solvers: Sequence[str], nfes: Sequence[int], process: Process) -> list[tuple[str, int, int]]:
-    """(solver, NFE budget, steps) for every cell of the grid; raises ValueError for unknown solvers or budgets."""
+    """(solver, NFE budget, steps) for every cell of the grid (steps 0 for a CHOOSERS row: chosen when sampling);
+    raises ValueError for unknown solvers or budgets."""
     for solver in solvers:
-        get_solver(solver)
-    return [(solver, budget, steps_within_nfe(solver, budget, process)) for solver in solvers for budget in nfes]
+        if solver not in CHOOSERS:
+            get_solver(solver)
+    cells = [(solver, budget, 0 if solver in CHOOSERS else steps_within_nfe(solver, budget, process))
+             for solver in solvers for budget in nfes]  # fmt: skip
+    if any(solver in CHOOSERS for solver in solvers):
+        for budget in nfes:
+            recommended(budget, process)  # the choosers' budget check
+    return cells
+
+
+def _cell_kwargs(solver: str, budget: int, steps: int, process: Process, schedule) -> dict:
+    if solver == "auto":
+        return dict(solver="auto", nfe=budget)
+    if solver == "recommended":
+        return recommended(budget, process)
+    return dict(solver=solver, steps=steps, schedule=schedule)
 
 
 def evaluate_digits(
@@ -89,7 +110,9 @@ def evaluate_digits(
 ) -> list[EvalRow]:
     """Sample n digits per (solver, NFE budget) from the same noise and measure them; one EvalRow per cell.
 
-    on_cell(row, samples) is called after each cell with its samples [n, 1, 8, 8].
+    on_cell(row, samples) is called after each cell with its samples [n, 1, 8, 8]. A solver named "auto" runs
+    `sample(solver="auto", nfe=budget)` (the model's tuning, else the fallback), "recommended" the fallback
+    `fewstep.recommended(budget, process)`; both with their own grids (not `schedule`).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 10:
         raise ValueError(f"n must be an integer >= 10, got n={n!r}")
@@ -101,10 +124,11 @@ def evaluate_digits(
         parts, used = [], 0
         for i, chunk in enumerate(noise.split(batch)):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # stochastic solvers: reproducible noise
-            x = sample(model, chunk, process=process, prediction=prediction, solver=solver, steps=steps,
-                       schedule=schedule, generator=gen)  # fmt: skip
+            kwargs = _cell_kwargs(solver, budget, steps, process, schedule)
+            x = sample(model, chunk, process=process, prediction=prediction, generator=gen, **kwargs)
             parts.append(x)
             used = x.nfe
+            steps = x.choice["steps"] if solver == "auto" else kwargs["steps"]
         seconds = time.perf_counter() - start
         samples = torch.cat(parts)
         row = EvalRow(solver, budget, steps, used, seconds=seconds, **sample_metrics(samples))
