@@ -30,6 +30,13 @@ probe so far is kept as best.json (for sampling and `fewstep bench distill`: it 
 resume from it repeats that step; resume from checkpoint.json).
 During the first `fake_warmup` steps only the fake score trains (the generator's loss is multiplied by 0): for a
 fake score that does not start at the generator's distribution (a fresh network, an exact teacher without weights).
+Multi-step generators (DMD2, section 4.4; `fewstep.distill.backsim`): with `generator_times` [t_0, ..., t_{K-1}] (or
+`generator_steps` K, the times then taken from the init_generator's stored K-step times) each sample of the
+generator's loss and of every fake-score step draws a step index k and its input x_{t_k} is built by backward
+simulation: the current generator (not its EMA: the inputs must be those of the weights being trained, as in DMD2)
+run without gradient through its first k steps with fresh noise; x_g = G(x_{t_k}, t_k) with gradient and the loss
+above applies unchanged. The student stores the sub-grids of the trained times for 1..K steps (`backsim.sub_grids`);
+the probe scores the full K-step sample. With K = 1 nothing is drawn beyond the 1-step run's randomness.
 Shapes: z, x_g, x_t [batch, ...]; t [batch] float64; losses [batch].
 """
 
@@ -48,6 +55,7 @@ from ..train.checkpoint import CheckpointError, flatten_optimizer, load_state, s
 from ..train.config import ConfigError, TrainConfig
 from ..train.losses import diffusion_loss
 from ..train.objective import Objective
+from .backsim import backward_simulate, path_draws, path_noises, resolve_generator_times, sub_grids
 from .clock import TrainClock
 from .consistency import resolve_teacher
 from .options import MatchingOptions, parse_table
@@ -111,7 +119,7 @@ def data_prediction(model: Callable, prediction: str, process: Process) -> X0Fn:
 
 
 class DistributionMatchingObjective(Objective):
-    """DMD / SiD (method of the distill table) on the Trainer: the Trainer's model is the 1-step generator."""
+    """DMD / SiD (method of the distill table) on the Trainer: the Trainer's model is the 1- or K-step generator."""
 
     def __init__(self, config: TrainConfig, process: Process, data: torch.Tensor, teacher: Any = None):
         options = parse_table(config.distill)
@@ -127,7 +135,13 @@ class DistributionMatchingObjective(Objective):
         self.shape = tuple(data.shape[1:])
         self.fake_config = inner_config(config, self.teacher, self.shape)  # the teacher's architecture
         self.init_state: dict[str, torch.Tensor] | None = None
+        self.init_times: dict[int, list[float]] = {}
         self.generator_config = self._generator_config()
+        what = f"distill.init_generator={options.init_generator!r}" if options.init_generator else "no init_generator"
+        times = resolve_generator_times(options.generator_steps, options.generator_times, self.init_times, process, what)
+        self.times = times or [self.t_gen]  # the generator's K step times; K = 1: its start time
+        self.t_gen, self.gen_steps = self.times[0], len(self.times)
+        self.probe_noises: list[torch.Tensor] = []
         self.pairs = self._load_pairs() if options.regression_pairs and options.regression_weight > 0 else None
         self.generator: nn.Module | None = None
         self.fake: nn.Module | None = None
@@ -173,7 +187,8 @@ class DistributionMatchingObjective(Objective):
                 f"distill.init_generator={spec!r} runs on {loaded.process!r}, the teacher on {self.process!r}",
             )
         self.init_state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
-        one = stored_times(loaded.meta).get(1)
+        self.init_times = stored_times(loaded.meta)
+        one = self.init_times.get(1)
         if one:
             self.t_gen = float(one[0])
         return dict(loaded.config["model"])
@@ -200,12 +215,39 @@ class DistributionMatchingObjective(Objective):
         self.dist, self.out_dir = trainer.dist, c.out_dir
         if self.options.probe_every:
             self.probe = QualityProbe(self.options.probe, self.options.probe_count, self.shape, self.teacher, c.seed)
+            g = torch.Generator().manual_seed(c.seed + 104729)  # the probe's fixed re-noising (no training draw)
+            self.probe_noises = [torch.randn(self.probe.noise.shape, generator=g) for _ in range(self.gen_steps - 1)]
 
     def generate(self, model: Callable, z: torch.Tensor) -> torch.Tensor:
-        """G(z): the model's data prediction at (sigma(t_gen) z, t_gen) for standard normal z [batch, ...]."""
+        """G(z): the model's data prediction at (sigma(t_gen) z, t_gen) for standard normal z [batch, ...] (step 0)."""
         t = torch.full((len(z),), self.t_gen, dtype=torch.float64, device=z.device)
         x = z * float(self.process.sigma(self.t_gen))
         return data_prediction(model, self.generator.prediction, self.process)(x, t)
+
+    def generator_input(self, model: Callable, z: torch.Tensor, k: torch.Tensor | None, noises: list[torch.Tensor]):
+        """(x_{t_k}, t_k) of each sample: (sigma(t_gen) z, t_gen) where k is None (one step), else backward simulation
+        by `model` without gradient (its DDP wrapper's module: no collectives in a per-rank loop)."""
+        if k is None:
+            return z * float(self.process.sigma(self.t_gen)), torch.full((len(z),), self.t_gen, dtype=torch.float64,
+                                                                         device=z.device)  # fmt: skip
+        own = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        x0_fn = data_prediction(own, self.generator.prediction, self.process)
+        return backward_simulate(x0_fn, self.process, self.times, z, k, noises)
+
+    def sample_steps(self, model: Callable, z: torch.Tensor, noises: list[torch.Tensor]) -> torch.Tensor:
+        """The K-step sample of noise z [batch, ...] with re-noising `noises` (K - 1 tensors like z): no gradient."""
+        if self.gen_steps == 1:
+            return self.generate(model, z)
+        k = torch.full((len(z),), self.gen_steps - 1, dtype=torch.int64, device=z.device)
+        x, t = self.generator_input(model, z, k, noises)
+        with torch.no_grad():
+            return data_prediction(model, self.generator.prediction, self.process)(x, t)
+
+    def _path(self, draws: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """(k, re-noising) of the draws under `prefix`; (None, []) for a 1-step generator."""
+        if self.gen_steps == 1:
+            return None, []
+        return draws[f"{prefix}k"], path_noises(draws, prefix, self.gen_steps)
 
     # Randomness of a global batch ------------------------------------------------------------------------------
 
@@ -213,8 +255,9 @@ class DistributionMatchingObjective(Objective):
         return self.t_low + (self.t_high - self.t_low) * torch.rand(n, generator=generator, dtype=torch.float64)
 
     def draw(self, x0: torch.Tensor, generator: torch.Generator, step: int) -> dict[str, torch.Tensor]:
-        """t and eps_dm (the generator loss's noise level and noise), fake_z/t/eps<j> for the fake-score steps, and
-        pair_index (regression): [N] or [N, ...] each."""
+        """t and eps_dm (the generator loss's noise level and noise), fake_z/t/eps<j> for the fake-score steps,
+        pair_index (regression), and for a K-step generator the backward simulations' step indices and re-noising
+        (`backsim.path_draws`, prefixes gen_ and fake<j>_): [N] or [N, ...] each."""
         n = len(x0)
         out = {"t": self._times(n, generator), "eps_dm": torch.randn(x0.shape, generator=generator, dtype=x0.dtype)}
         for j in range(self.options.fake_steps):
@@ -223,6 +266,9 @@ class DistributionMatchingObjective(Objective):
             out[f"fake_eps{j}"] = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
         if self.pairs is not None:
             out["pair_index"] = torch.randint(0, len(self.pairs[0]), (n,), generator=generator)
+        if self.gen_steps > 1:
+            for prefix in ("gen_", *(f"fake{j}_" for j in range(self.options.fake_steps))):
+                out.update(path_draws(prefix, n, x0.shape[1:], x0.dtype, self.gen_steps, generator))
         return out
 
     # Loss ------------------------------------------------------------------------------------------------------
@@ -236,8 +282,10 @@ class DistributionMatchingObjective(Objective):
         fake.requires_grad_(True)
         total = 0.0
         for j in range(self.options.fake_steps):
+            z = draws[f"fake_z{j}"]
+            x, t = self.generator_input(model, z, *self._path(draws, f"fake{j}_"))
             with torch.no_grad():
-                x_g = self.generate(model, draws[f"fake_z{j}"]).to(draws[f"fake_z{j}"].dtype)
+                x_g = data_prediction(model, self.generator.prediction, self.process)(x, t).to(z.dtype)
             loss = diffusion_loss(self.fake_train, x_g, draws[f"fake_t{j}"], draws[f"fake_eps{j}"], process=self.process,
                                   prediction=fake.prediction, weighting=c.weighting, gamma=c.min_snr_gamma,
                                   sigma_data=c.sigma_data).mean()  # fmt: skip
@@ -258,11 +306,12 @@ class DistributionMatchingObjective(Objective):
 
     def loss(self, model: nn.Module, x0: torch.Tensor, eps: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
         fake_loss = self._train_fake(model, draws)
-        z = eps
-        if self.pairs is not None:  # one generator pass for both (DDP allows one forward per backward)
+        x, t = self.generator_input(model, eps, *self._path(draws, "gen_"))
+        if self.pairs is not None:  # one generator pass for both (DDP allows one forward per backward); pairs: step 0
             index = draws["pair_index"].cpu()
-            z = torch.cat([eps, self.pairs[0][index].to(eps)])
-        x_all = self.generate(model, z)
+            x_pair, t_pair = self.generator_input(model, self.pairs[0][index].to(eps), None, [])
+            x, t = torch.cat([x, x_pair]), torch.cat([t, t_pair])
+        x_all = data_prediction(model, self.generator.prediction, self.process)(x, t)
         x_g = x_all[: len(eps)]
         x_t = self.process.add_noise(x_g, draws["t"], draws["eps_dm"])
         losses = self.generator_loss(x_g, x_t, draws["t"], self.real, self.fake_x0, self.options)
@@ -290,7 +339,8 @@ class DistributionMatchingObjective(Objective):
         key = f"probe_{self.options.probe}"
         if self.probe is not None and (done % self.options.probe_every == 0 or last):
             ema = trainer.ema.module
-            values[key] = self.probe.measure(lambda z: self.generate(ema, z.to(trainer.device)))
+            noises = [z.to(trainer.device) for z in self.probe_noises]
+            values[key] = self.probe.measure(lambda z: self.sample_steps(ema, z.to(trainer.device), noises))
         self.metrics.add(done, **values)
         if key in values and values[key] < self.best_probe and done > self.options.fake_warmup:
             self.best_probe = values[key]
@@ -318,11 +368,11 @@ class DistributionMatchingObjective(Objective):
         self.best_probe = float(best) if isinstance(best, (int, float)) and not isinstance(best, bool) else math.inf
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        return {**student_record({1: [self.t_gen, self.process.t_min]}, 1.0), **self.clock.extra()}
+        return {**student_record(sub_grids(self.times, self.process.t_min), 1.0), **self.clock.extra()}
 
     def sampling(self, config: TrainConfig) -> dict[str, Any]:
-        schedule = torch.tensor([self.t_gen, self.process.t_min], dtype=torch.float64)
-        return {"solver": "consistency", "steps": 1, "schedule": schedule, "gamma": 1.0}
+        schedule = torch.tensor([*self.times, self.process.t_min], dtype=torch.float64)
+        return {"solver": "consistency", "steps": self.gen_steps, "schedule": schedule, "gamma": 1.0}
 
 
 def _process_of(settings: dict[str, Any]) -> Process:

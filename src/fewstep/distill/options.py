@@ -6,7 +6,8 @@ al., 2024); the method picks where x_r comes from and the defaults:
 - "ct": x_r from the same noise; iCT: N 10 -> 1280, pseudo-Huber, weight 1/(s_t - s_r), lognormal, no EMA target;
 - "ect": as "ct" with ECT's continuous r-schedule (q = 2, k = 8, b = 1, 8 stages), starting from the diffusion loss.
 "pd": progressive distillation (Salimans & Ho, 2022), rounds from `start_steps` down to `end_steps`.
-"dmd", "sid": distribution matching (Yin et al., 2024; Zhou et al., 2024), `fewstep.distill.dmd`; "reflow": a velocity
+"dmd", "sid": distribution matching (Yin et al., 2024; Zhou et al., 2024), `fewstep.distill.dmd`, with K-step
+generators by backward simulation (`generator_times` / `generator_steps`, `fewstep.distill.backsim`); "reflow": a velocity
 model retrained on coupled (noise, teacher sample) pairs (Liu et al., 2023), `fewstep.distill.reflow`.
 """
 
@@ -107,6 +108,8 @@ class MatchingOptions:
     probe_every: int
     probe_count: int
     init_generator: str | None = None
+    generator_steps: int | None = None
+    generator_times: tuple[float, ...] | None = None
     alpha: float = 1.2
     init_from_teacher: bool | None = None
     teacher: str | None = None
@@ -142,7 +145,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "pd": {"start_steps": 64, "end_steps": 1, "steps_per_round": None, "grid": None, "weighting": "truncated_snr"},
     "dmd": {"fake_steps": 5, "fake_lr": None, "fake_warmup": 0, "t_low": 0.02, "t_high": 0.98, "regression_pairs": None,
             "regression_weight": 0.25, "fake_score": None, "probe": "energy", "probe_every": 0, "probe_count": 256,
-            "init_generator": None},
+            "init_generator": None, "generator_steps": None, "generator_times": None},
     "reflow": {"pairs": None, "time_distribution": "uniform"},
 }  # fmt: skip
 DEFAULTS["sid"] = {**DEFAULTS["dmd"], "fake_steps": 1, "alpha": 1.2}
@@ -213,6 +216,17 @@ def _step_counts(key: str, value: Any) -> tuple[int, ...]:
     return tuple(sorted(set(counts)))
 
 
+def _decreasing_times(key: str, value: Any) -> tuple[float, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(
+            f"distill.{key}", f"distill.{key} must be a non-empty list of decreasing times, e.g. [1.0, 0.5], got {value!r}"
+        )
+    times = tuple(_real(-math.inf)(key, v) for v in value)
+    if list(times) != sorted(set(times), reverse=True):
+        raise ConfigError(f"distill.{key}", f"distill.{key} must be strictly decreasing, got {list(times)}")
+    return times
+
+
 RULES: dict[str, Callable[[str, Any], Any]] = {
     "method": _choice(METHODS),
     "teacher": _text,
@@ -249,6 +263,8 @@ RULES: dict[str, Callable[[str, Any], Any]] = {
     "regression_weight": _real(0.0),
     "fake_score": _text,
     "init_generator": _text,
+    "generator_steps": _integer(1),
+    "generator_times": _decreasing_times,
     "probe": _choice(PROBES),
     "probe_every": _integer(0),
     "probe_count": _integer(2),
@@ -312,6 +328,13 @@ def _matching(values: dict[str, Any]) -> MatchingOptions:
     if values["t_low"] >= values["t_high"]:
         raise ConfigError(
             "distill.t_low", f"need distill.t_low < distill.t_high, got t_low={values['t_low']}, t_high={values['t_high']}"
+        )
+    steps, times = values["generator_steps"], values["generator_times"]
+    if steps is not None and times is not None and len(times) != steps:
+        raise ConfigError(
+            "distill.generator_times",
+            f"distill.generator_times holds {len(times)} times but distill.generator_steps = {steps}: give one time per "
+            "generator step (or only one of the two)",
         )
     return MatchingOptions(**values)
 
