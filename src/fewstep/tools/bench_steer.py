@@ -79,7 +79,7 @@ def rejection_pool(
 
 def steer_digits(
     k: int, *, model_name: str = "digits_vp", particles: int = 8, steps: int = 40, lam: float = 10.0,
-    guidance: float = 3.0, solver: str = "ddpm", seed: int = 0, pool: tuple[torch.Tensor, torch.Tensor] | None = None,
+    guidance: float = 0.5, solver: str = "ddpm", seed: int = 0, pool: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Class-k accuracy and FD of FK steering with and without reward-gradient guidance, unsteered sampling, best-of-N
     and rejection sampling (from `pool`) on the shipped model (see the module doc)."""
@@ -203,7 +203,7 @@ def bench_steer_command(
     particles: Annotated[int, typer.Option(min=1, max=256, help="FK particles per sample.")] = 8,
     steps: Annotated[int, typer.Option(min=2, max=1000, help="Steps of the steered sampler.")] = 40,
     lam: Annotated[float, typer.Option(min=1e-6, help="Tilt exp(lam * log p(k | x0)), > 0.")] = 10.0,
-    guidance: Annotated[float, typer.Option(min=0.0, help="Reward-gradient guidance scale of the guided run.")] = 3.0,
+    guidance: Annotated[float, typer.Option(min=0.0, help="Reward-gradient guidance scale of the guided run.")] = 0.5,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the noise and the resampling.")] = 0,
     out: Annotated[Path, typer.Option(help="Folder for steer.md and steer.json.")] = Path("out/bench"),
 ) -> None:
