@@ -12,8 +12,7 @@ from .checks import check_steps
 from .grids import ScheduleLike, time_grid
 from .parameterization import Denoiser, Model, check_convertible, check_prediction
 from .processes import Process
-from .solvers import Run, get_solver, reindex, solver_specs
-from .solvers._core import GridValues, grid_values
+from .solvers import GridValues, Run, get_solver, grid_values, reindex, solver_specs
 from .tuning import Tuning, choose
 
 LOWER_ORDER_FINAL_BELOW = 15  # steps; as diffusers' DPMSolverMultistepScheduler (lower_order_final)

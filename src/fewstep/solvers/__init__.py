@@ -3,10 +3,10 @@
 import importlib
 import pkgutil
 
-from ._core import Run, SolverSpec, get_solver, register, reindex, solver_specs
+from ._core import GridValues, Run, SolverSpec, get_solver, grid_values, register, reindex, solver_specs
 
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Run", "SolverSpec", "get_solver", "register", "reindex", "solver_specs"]
+__all__ = ["GridValues", "Run", "SolverSpec", "get_solver", "grid_values", "register", "reindex", "solver_specs"]
