@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_exact_resume
 
 import fewstep
 from fewstep.distill import (
@@ -129,20 +130,7 @@ def test_dmd_resume_is_exact_and_keeps_the_fake_score(tmp_path):
         cfg = run_config(tmp_path / folder, "dmd", teacher, ema_decay=0.9, distill={"fake_steps": 2})
         return Trainer(cfg, data=DATA[:40], teacher=teacher)
 
-    straight = make("a")
-    for _ in range(4):
-        straight.train_step()
-    first = make("b")
-    for _ in range(2):
-        first.train_step()
-    path = first.save()
-    resumed = make("b")
-    assert resumed.resume(path) == 2
-    for _ in range(2):
-        resumed.train_step()
-    for a, b in ((straight.model, resumed.model), (straight.objective.fake, resumed.objective.fake)):
-        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
-    assert resumed.loss_history == straight.loss_history
+    assert_exact_resume(make)
 
 
 # Reflow -------------------------------------------------------------------------------------------------------------

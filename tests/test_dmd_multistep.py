@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_exact_resume
 
 import fewstep
 from fewstep.distill import Teacher, distill_config, dmd_loss, sample_student, stored_times
@@ -141,20 +142,7 @@ def test_multistep_resume_is_exact(tmp_path):
     def make(folder: str) -> Trainer:
         return make_trainer(tmp_path / folder, options)
 
-    straight = make("a")
-    for _ in range(4):
-        straight.train_step()
-    first = make("b")
-    for _ in range(2):
-        first.train_step()
-    path = first.save()
-    resumed = make("b")
-    assert resumed.resume(path) == 2
-    for _ in range(2):
-        resumed.train_step()
-    for a, b in ((straight.model, resumed.model), (straight.objective.fake, resumed.objective.fake)):
-        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
-    assert resumed.loss_history == straight.loss_history
+    straight, _ = assert_exact_resume(make)
     assert len(set(straight.loss_history)) == 4  # the losses moved
 
 
