@@ -48,7 +48,7 @@ def test_vp_processes_follow_their_bands_and_end_early(process, prediction):
     """Below 25 evaluations a VP process follows VP_BANDS (VP_NOISY_BANDS where it starts below log-SNR -6, cosine
     betas): the grid stops at the band's log-SNR and the final evaluation denoises from there. An explicit t_end is
     kept; rectified flow ends at t_min. On a held-out mixture the rule is far more accurate than DPM-Solver++(2M) on
-    the time-uniform grid to t_min (diffusers' default grid): below 0.75x at every budget (measured 0.04-0.6x)."""
+    the time-uniform grid to t_min (diffusers' default grid): below 0.75x at every budget (measured 0.06-0.72x)."""
     from fewstep.recommend import NOISY_END_LOG_SNR, QUADRATIC_FROM_NFE, VP_BANDS, VP_NOISY_BANDS
 
     noise = torch.randn(128, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -76,7 +76,7 @@ def test_vp_processes_follow_their_bands_and_end_early(process, prediction):
 @pytest.mark.parametrize(("name", "nfe"), [("digits_vp", 6), ("digits_cosine_v", 6)])
 def test_vp_rule_beats_the_former_rule_on_learned_networks(name, nfe):
     """On the shipped digits networks the rule is far closer to the model's own 200-step solution than the former
-    rule chosen on exact mixtures (measured 0.60x and 0.55x on these 128 held-out noises)."""
+    rule chosen on exact mixtures (measured 0.67x and 0.55x on these 128 held-out noises)."""
     from fewstep.sample_model import sample_shape
     from fewstep.shipped import load_model
 

@@ -1,30 +1,32 @@
 """Recommended solver and grid per NFE budget (the fallback of `fewstep.sample(..., solver="auto")`), chosen from
 measurements on exact Gaussian mixtures and on learned models.
 
-VP processes (DiscreteVP, VP) below QUADRATIC_FROM_NFE evaluations: UniPC-2 (bh2; Zhao et al., "UniPC: A Unified
-Predictor-Corrector Framework for Fast Sampling of Diffusion Models", NeurIPS 2023) on a grid that stops early, at
-log-SNR (log alpha/sigma) 1 up to 4 evaluations, 2 up to 8 (10 where the process starts deep in noise), 3 up to 19;
-the final evaluation denoises from there (VP_BANDS, VP_NOISY_BANDS). A learned network's trajectory is hardest to
-follow near the data, where a few-step grid has its longest steps: one data prediction from a moderate noise level
-is more accurate than extrapolated steps into it (diffusers' few-step grids stop at t = 0.1-0.2 for the same
-reason), and the more evaluations, the later the grid can stop. The grid in between is quadratic in t (t_i = t_end
-+ (t_max - t_end) (i / n)^2) where the process starts at a moderate log-SNR (>= NOISY_END_LOG_SNR = -6: DDPM linear
-betas, -5.1; continuous VP); where it starts deeper in noise (the Improved-DDPM cosine betas, clipped at 0.999:
--9.9; zero terminal SNR, -inf, started like rectified flow at log-SNR FLOW_START_LOG_SNR) it is time-uniform up to
-10 evaluations, whose steps at high noise keep samples near a mode boundary in their mode.
-Chosen with `scripts/vp_fallback.py` (noise seed 4; 75 solver x grid x end candidates; ratio of the RMS error to
-the best of diffusers' 15 configurations at equal NFE 3-20) and checked on held-out noise (seed 9): digits_vp
-0.44-0.94 (the former rule, DEIS / iPNDM on the log-SNR grid to t_min: 0.81-2.4), digits_cosine_v 0.68-1.11
-(former, iPNDM on the quadratic grid: 1.09-2.5), exact mixtures on the same processes at most 1.1. Held out
-(`scripts/vp_rule_heldout.py`: other noise, two MLPs trained for the check, other mixtures, continuous VP): README,
-"Recommended defaults". Heun on a log-SNR grid wins the exact problems at 5 evaluations, but its two huge steps
-send a learned model far out of distribution (digits FD 158 against 10 for DEIS): never a default; neither is
-iPNDM at 5 evaluations (digits FD 91).
+VP processes (DiscreteVP, VP) below QUADRATIC_FROM_NFE = 25 evaluations follow VP_BANDS / VP_NOISY_BANDS: the grid
+stops early, at log-SNR (log alpha/sigma) 1 / 2 / 3 depending on the budget, and the final evaluation denoises from
+there. A learned network's trajectory is hardest to follow near the data, where a few-step grid has its longest
+steps: one data prediction from a moderate noise level is more accurate than extrapolated steps into it (diffusers'
+few-step grids stop at t = 0.1-0.2 for the same reason), and the more evaluations, the later the grid can stop.
+Where the process starts at a moderate log-SNR (>= NOISY_END_LOG_SNR = -6: DDPM linear betas, -5.1; continuous VP):
+DEIS order 3 on the log-SNR grid (Zhang & Chen, "Fast Sampling of Diffusion Models with Exponential Integrator",
+ICLR 2023), UniPC-2 on the quadratic grid at 3 evaluations. Where it starts deeper in noise (the Improved-DDPM cosine
+betas, clipped at 0.999: -9.9; zero terminal SNR, -inf, started like rectified flow at log-SNR FLOW_START_LOG_SNR):
+UniPC-2 (bh2; Zhao et al., "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models",
+NeurIPS 2023), time-uniform up to 10 evaluations (its steps at high noise keep samples near a mode boundary in their
+mode), then quadratic (t_i = t_end + (t_max - t_end) (i / n)^2). Chosen with `scripts/vp_fallback.py` (noise seed 4;
+75 solver x grid x end candidates on digits_vp, digits_cosine_v, two MLPs and exact mixtures; ratio of the RMS error
+to the best of diffusers' 15 configurations at equal NFE). No candidate wins on every network (digits_vp wants the
+quadratic grid, a moons MLP the log-SNR one); DEIS / log-SNR is the compromise on linear betas. Held out
+(`scripts/vp_rule_heldout.py`, noise seed 2) at NFE 3-20: digits_vp 0.84-1.06 (the former rule, DEIS / iPNDM on the
+log-SNR grid to t_min: 0.27-1.60), digits_cosine_v 0.87-1.08 (former, iPNDM on the quadratic grid: 0.99-2.08); a
+circles MLP the rule never saw 0.68-1.74; held-out exact mixtures 0.29-1.42 (README, "Recommended defaults"). Heun on
+a log-SNR grid wins the exact problems at 5 evaluations, but its two huge steps send a learned model far out of
+distribution (digits FD 158 against 10 for DEIS): never a default; neither is iPNDM at 5 evaluations (digits FD 91).
 
-From QUADRATIC_FROM_NFE = 20 evaluations on, a VP process gets iPNDM (fourth-order Adams-Bashforth on eps with the
-DDIM transfer; Zhang & Chen, "Fast Sampling of Diffusion Models with Exponential Integrator", ICLR 2023) on the
-quadratic grid to t_min: better than the log-SNR grid in every measured cell at NFE 20 / 30 / 50 (exact mixtures on
-linear DiscreteVP and continuous VP: 1.0-3.5x lower error; learned digits_vp at NFE 20: 0.0078 against 0.0335).
+From QUADRATIC_FROM_NFE evaluations on, a VP process gets iPNDM (fourth-order Adams-Bashforth on eps with the DDIM
+transfer, same paper) on the quadratic grid to t_min: better than the log-SNR grid in every measured cell at NFE
+20 / 30 / 50 (exact mixtures on linear DiscreteVP and continuous VP: 1.0-3.5x lower error; learned digits_vp at NFE
+20: 0.0078 against 0.0335); below 25 the early end wins on the MLPs (moons at NFE 20: 1.52x the best peer against
+4.50x).
 
 Other processes (EDM, VE) keep the exact-mixture rule: DEIS order 3 up to 8 evaluations, iPNDM from 9, on the
 log-SNR grid to t_min; no learned model of theirs is measured.
