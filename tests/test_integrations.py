@@ -634,6 +634,7 @@ def test_auto_scheduler_equals_sample_auto_tuned_and_fallback(auto_tuning, nfe, 
     ref = fewstep.sample(model, AUTO_NOISE, process=process, solver="auto", nfe=nfe, tuning=tuning)
     assert (got - ref).abs().max().item() <= 1e-12
     assert scheduler.choice == ref.choice and scheduler.choice["source"] == ("tuned" if tuned else "fallback")
+    assert scheduler.choice["corrected"] == tuned  # the tuning carries learned corrections; the pipeline applies them
     assert len(scheduler.timesteps) == ref.nfe == nfe  # num_inference_steps is the NFE
     if tuned:
         assert scheduler._grid.tolist() == auto_tuning.entry(nfe).times

@@ -18,7 +18,7 @@ from fewstep.tuning import Tuning, TuningError, choose, model_digest, tuning_pat
 
 PROCESS = fewstep.DiscreteVP.linear()
 MIXTURE = fewstep.mixture_nd(dim=4, components=3, seed=11)  # a held-out problem: no default was chosen on it
-FAST = dict(shape=(4,), samples=48, search_top=1, search_iters=6, reference_steps=200,
+FAST = dict(shape=(4,), samples=48, search_top=1, search_iters=6, reference_steps=200, calibrate_iters=0,
             candidates=(("ddim", "logsnr"), ("dpmpp_2m", "logsnr"), ("dpmpp_2m", "quadratic"), ("deis", "logsnr"),
                         ("unipc", "quadratic")))  # fmt: skip
 

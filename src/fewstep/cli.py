@@ -317,14 +317,29 @@ def tune_command(
     search_iters: int = typer.Option(12, min=0, max=10_000, help="Grid-search iterations per searched configuration."),
     reference_steps: int = typer.Option(200, min=4, max=100_000, help="Steps of the many-step reference."),
     seed: int = SEED,
-    out: Path = typer.Option(None, help="Output JSON (default: <checkpoint>.tuning.json beside a checkpoint's sidecar, "
-                                        "out/tune/<name>.tuning.json for a shipped model)."),  # fmt: skip
+    calibrate_iters: int = typer.Option(
+        60,
+        min=0,
+        max=100_000,
+        help="Adam iterations of the chosen configuration's learned corrections (time shift, noise scaling, mixing; 0: none).",
+    ),  # fmt: skip
+    correct_only: bool = typer.Option(
+        False,
+        "--correct-only",
+        help="Keep the model's current tuning (its solvers and "
+        "grids) and fit only their learned corrections, at the --nfe budgets it holds.",
+    ),  # fmt: skip
+    out: Path = typer.Option(
+        None,
+        help="Output JSON (default: <checkpoint>.tuning.json beside a checkpoint's sidecar, "
+        "out/tune/<name>.tuning.json for a shipped model).",
+    ),  # fmt: skip
 ) -> None:
     """Choose solver and grid per NFE budget on the model itself (fewstep.sample(..., solver="auto") uses the result)."""
     from .sample_model import sample_shape
     from .shipped import SHIPPED_MODELS, load_model, resolve_model
     from .train.cli import parse_ints, usage_errors, writable_file
-    from .tune import tune
+    from .tune import correct, tune
     from .tuning import tuning_path
 
     budgets = parse_ints(nfe, "--nfe", minimum=2)
@@ -335,9 +350,19 @@ def tune_command(
     writable_file(out, "--out")
     with usage_errors("MODEL"):
         shape = sample_shape(loaded)
-    with usage_errors(options={"nfes": "--nfe", "nfe": "--nfe", "reference": "--reference-steps"}):
-        tuning = tune(loaded.model, loaded.process, loaded.prediction, budgets, shape=shape, samples=samples, seed=seed,
-                      search_iters=search_iters, reference_steps=reference_steps, name=str(model), log=console.print)  # fmt: skip
+    with usage_errors(options={"nfes": "--nfe", "nfe": "--nfe", "reference": "--reference-steps", "iters": "--calibrate-iters"}):
+        if correct_only:
+            if getattr(loaded.model, "tuning", None) is None:
+                raise typer.BadParameter(
+                    "the model has no tuning to correct; run fewstep tune without --correct-only", param_hint="MODEL"
+                )
+            tuning = correct(loaded.model, loaded.model.tuning, loaded.process, loaded.prediction, shape=shape,
+                             nfes=budgets, seed=seed, iters=max(calibrate_iters, 1), reference_steps=reference_steps,
+                             log=console.print)  # fmt: skip
+        else:
+            tuning = tune(loaded.model, loaded.process, loaded.prediction, budgets, shape=shape, samples=samples, seed=seed,
+                          search_iters=search_iters, reference_steps=reference_steps, calibrate_iters=calibrate_iters,
+                          name=str(model), log=console.print)  # fmt: skip
     tuning.save(out)
     table = Table("NFE", "solver", "grid", "RMS error", "fallback RMS", "ratio")
     for entry in tuning.entries.values():

@@ -263,6 +263,9 @@ def _sample_auto(model, noise, process, prediction, nfe, tuning, schedule, t_sta
     kwargs, record = choose(model, process, prediction, nfe, tuning=tuning, t_start=t_start, t_end=t_end)
     if "denoise_to_zero" in kwargs:  # part of the plan: it decides the evaluation count
         common.pop("denoise_to_zero")
+    corrections = kwargs.pop("corrections", None)
+    if corrections is not None:  # learned per-evaluation corrections (fewstep.corrections): a fresh wrapper per run
+        model, prediction = corrections.wrap(model, process, prediction), "x0"
     x = sample(model, noise, process=process, prediction=prediction, **kwargs, **common)
     x.choice = record
     return x

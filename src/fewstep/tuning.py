@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .checks import check_int, typed_key
+from .corrections import Corrections
 from .io import atomic_write_text
 from .processes import Process
 from .recommend import recommended
@@ -53,7 +54,8 @@ def model_digest(model: Any) -> str:
 
 @dataclass
 class TunedEntry:
-    """The tuned configuration at one NFE budget; `times`: the grid [steps + 1], decreasing."""
+    """The tuned configuration at one NFE budget; `times`: the grid [steps + 1], decreasing; `corrections`: learned
+    per-evaluation corrections of this run (`fewstep.corrections`), which `sample(solver="auto")` applies."""
 
     nfe: int
     solver: str
@@ -66,6 +68,11 @@ class TunedEntry:
     fallback_error: float = math.nan  # the same for `fewstep.recommended` (what solver="auto" does untuned)
     candidates: dict[str, float] = field(default_factory=dict)  # every configuration tried -> selection error
     confirmed: dict[str, float] = field(default_factory=dict)  # the best few -> error on the wider confirmation batch
+    corrections: dict[str, Any] = field(default_factory=dict)  # `fewstep.corrections.Corrections.to_dict()`, or {}: none
+
+    def fitted_corrections(self) -> Corrections | None:
+        """The learned per-evaluation corrections of this configuration (`fewstep.corrections`), or None."""
+        return Corrections.from_dict(self.corrections) if self.corrections else None
 
     def sample_kwargs(self) -> dict[str, Any]:
         """Keywords for `fewstep.sample` that reproduce this configuration (the grid as a tensor of times)."""
@@ -175,7 +182,16 @@ def _entry(raw: Any, where: str) -> TunedEntry:
     _typed(raw, "options", dict, where)
     if "confirmed" in raw:  # absent from the artefacts of fewstep before the confirmation step
         _typed(raw, "confirmed", dict, where)
-    return TunedEntry(**{k: v for k, v in raw.items()})
+    entry = TunedEntry(**{k: v for k, v in raw.items()})
+    if "corrections" in raw:  # absent before the learned corrections
+        _typed(raw, "corrections", dict, where)
+        try:
+            fitted = entry.fitted_corrections()
+        except (TypeError, ValueError) as err:
+            raise TuningError(f"key '{where}.corrections': {err}") from None
+        if fitted is not None and fitted.nfe != nfe:
+            raise TuningError(f"key '{where}.corrections' holds {fitted.nfe} evaluations, not nfe={nfe}")
+    return entry
 
 
 def tuning_path(checkpoint_json: str | os.PathLike) -> Path:
@@ -221,7 +237,9 @@ def choose(
     The tuned entry at `nfe` when a tuning applies: `tuning` (a Tuning or its file; it must match the model, else
     TuningError), or the tuning a loaded checkpoint carries as `model.tuning` (used only when it matches; otherwise
     the record says why not). Else the measured fallback `fewstep.recommended(nfe, process)`. The record holds
-    "source" ("tuned" or "fallback"), "solver", "schedule", "steps", "nfe" and "reason".
+    "source" ("tuned" or "fallback"), "solver", "schedule", "steps", "nfe", "reason" and "corrected" (whether the
+    keywords hold the entry's learned `corrections`, a `fewstep.corrections.Corrections`, which is not a `sample`
+    keyword: wrap the model with `corrections.wrap(...)` and sample with prediction="x0", as `sample(solver="auto")` does).
     """
     explicit = tuning is not None
     if tuning is None:
@@ -246,9 +264,12 @@ def choose(
                 reason = f"the tuned grid runs from t={entry.times[0]} to t={entry.times[-1]}, not the t_start/t_end asked for"
             else:
                 reason = f"tuned: RMS error {entry.error:.3g} vs {entry.fallback_error:.3g} for the fallback of the tuning's time"
-                record = dict(source="tuned", solver=entry.solver, schedule=entry.grid, steps=entry.steps, nfe=nfe, reason=reason)
-                return entry.sample_kwargs(), record
+                corrections = entry.fitted_corrections()
+                kwargs = entry.sample_kwargs() | ({"corrections": corrections} if corrections else {})
+                record = dict(source="tuned", solver=entry.solver, schedule=entry.grid, steps=entry.steps, nfe=nfe, reason=reason,
+                              corrected=corrections is not None)  # fmt: skip
+                return kwargs, record
     kwargs = recommended(nfe, process, t_start=t_start, t_end=t_end)
     record = dict(source="fallback", solver=kwargs["solver"], schedule=kwargs["schedule"], steps=kwargs["steps"], nfe=nfe,
-                  reason=reason)  # fmt: skip
+                  reason=reason, corrected=False)  # fmt: skip
     return kwargs, record

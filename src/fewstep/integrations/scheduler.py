@@ -29,6 +29,7 @@ from diffusers.utils import BaseOutput
 
 from ..budget import plan_for_nfe
 from ..checks import check_steps
+from ..corrections import Corrections
 from ..grids import PARAMETERS, SCHEDULES, Schedule, ScheduleLike, check_grid, time_grid
 from ..parameterization import Coefficients, to_x0_eps
 from ..processes import Process
@@ -309,6 +310,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _new_run(self, num_inference_steps, timesteps, sigmas, mu) -> _PlannedRun:
         """Everything a run needs before its first step (grid, evaluation plan, coefficients, timesteps), on the host."""
         conv = self._convention_for(mu)
+        self._corrections = None
         if self.config.solver == AUTO:
             if timesteps is not None or sigmas is not None:
                 raise ValueError(
@@ -325,20 +327,25 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         times = torch.tensor(plan.times, dtype=torch.float64)
         process = conv.process
         ends_at_data = denoise or float(process.sigma(float(grid[-1]))) == 0
-        model_timesteps = conv.timestep(times)
+        if self._corrections is not None:  # the network is told each evaluation's shifted time
+            if len(plan.times) != self._corrections.nfe:
+                raise RuntimeError(f"the tuned corrections hold {self._corrections.nfe} evaluations, the plan {len(plan.times)}")
+            model_timesteps = conv.timestep(torch.tensor(self._corrections.network_times(process), dtype=torch.float64))
+        else:
+            model_timesteps = conv.timestep(times)
         return _PlannedRun(
             convention=conv, grid=grid, prepared=prepare_grid(process, len(grid) - 1, grid), denoise=denoise, plan=plan,
             order=plan.per_step() or 1, solver=self._solver, options=self._options,
             stochastic=self._stochastic, choice=self.choice, coefficients=_coefficients(process, times),
             timestep_values=model_timesteps.tolist(), timesteps=model_timesteps,
             sigmas=_pipeline_sigmas(conv, torch.cat([times, grid[-1:]]), ends_at_data),
-            init_noise_sigma=float(process.sigma(float(grid[0]))),
+            init_noise_sigma=float(process.sigma(float(grid[0]))), corrections=self._corrections,
         )  # fmt: skip
 
     def _apply(self, planned: _PlannedRun, device: str | torch.device | None) -> None:
         """Make `planned` the current run (the pipeline-visible tensors are fresh copies, on `device`)."""
         self._convention, self._grid, self._denoise, self._plan = planned.convention, planned.grid, planned.denoise, planned.plan
-        self._prepared = planned.prepared
+        self._prepared, self._corrections = planned.prepared, planned.corrections
         self._solver, self._options, self._stochastic = planned.solver, planned.options, planned.stochastic
         self.choice = None if planned.choice is None else dict(planned.choice)
         self._coefficients, self._timestep_values = planned.coefficients, planned.timestep_values
@@ -358,6 +365,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         process = conv.process
         kwargs, record = choose(self._keyed, process, conv.prediction, nfe, tuning=self._tuning)
         plan = dict(kwargs)
+        self._corrections = plan.pop("corrections", None)  # learned per-evaluation corrections (fewstep.corrections)
         solver, steps, schedule = plan.pop("solver"), plan.pop("steps"), plan.pop("schedule")
         denoise = plan.pop("denoise_to_zero", True)
         t_start, t_end = plan.pop("t_start", process.t_max), plan.pop("t_end", process.t_min)
@@ -537,9 +545,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         noise = sample.detach().to(_internal_dtype(sample.dtype)) / self._coefficients[k].sigma  # sigma at grid[0]
         options, denoise, solver = self._options, self._denoise, self._solver
         source = self._generator if self._stochastic else None
+        corrections = self._corrections
+        if corrections is not None and j != 0:
+            raise ValueError("a tuned run with learned corrections starts at its first evaluation: set_begin_index "
+                             "(img2img) is not supported with solver='auto' on such a tuning; choose a named solver")  # fmt: skip
 
         def solve(model):
-            return fewstep_sample(model, noise, process=conv.process, prediction=conv.prediction, solver=solver,
+            prediction = conv.prediction if corrections is None else "x0"  # the corrected model returns a data prediction
+            if corrections is not None:
+                model = corrections.wrap(model, conv.process, conv.prediction)
+            return fewstep_sample(model, noise, process=conv.process, prediction=prediction, solver=solver,
                                   steps=len(grid) - 1, schedule=schedule, denoise_to_zero=denoise, generator=source,
                                   x0_fn=conv.x0_fn, **options)  # fmt: skip
 
@@ -608,6 +623,7 @@ class _PlannedRun:
     timesteps: torch.Tensor
     sigmas: torch.Tensor
     init_noise_sigma: float
+    corrections: Corrections | None = None  # solver="auto": the tuned entry's learned corrections
 
 
 def _run_key(num_inference_steps: Any, timesteps: Any, sigmas: Any, mu: Any) -> tuple | None:
