@@ -105,3 +105,42 @@ def test_bad_input():
     model, z = MIXTURE.model(PROCESS, "eps"), noise(0, 8)
     with pytest.raises(ValueError, match="iters must be"):
         fit_corrections(model, PROCESS, "eps", RUN, (z, z), (z, z), iters=0)
+
+
+class Keyed:
+    """The exact eps model of MIXTURE, known to tunings by a key of its own."""
+
+    tuning_key = "mixture-corrections"
+
+    def __init__(self):
+        self.exact = MIXTURE.model(PROCESS, "eps")
+
+    def __call__(self, x, t):
+        return self.exact(x, t)
+
+
+def test_tune_fits_corrections_and_correct_adds_them_to_a_tuning():
+    """tune(calibrate_iters=...) stores corrections that lower the held-out error of solver="auto"; `correct` adds
+    them to a tuning made without; both keep the chosen solver and grid."""
+    from fewstep.tune import correct, tune
+
+    settings = dict(model_key=Keyed.tuning_key, shape=(4,), samples=32, candidates=(("dpmpp_2m", "logsnr"),), search_top=0,
+                    end_log_snrs=(), confirm_samples=128)  # fmt: skip
+    plain = tune(Keyed(), PROCESS, "eps", [5], calibrate_iters=0, **settings)
+    assert plain.entry(5).corrections == {}
+    fitted = tune(Keyed(), PROCESS, "eps", [5], calibrate_iters=30, **settings)
+    entry = fitted.entry(5)
+    assert entry.corrections and entry.error == entry.corrections["error"] < entry.corrections["error_before"]
+    assert entry.corrections["error_before"] == pytest.approx(plain.entry(5).error, rel=1e-5)  # float32 noise: x0 path
+    z = noise(9, 512)
+    exact = MIXTURE.flow_map(z, PROCESS)
+    errors = [
+        rms_error(fewstep.sample(Keyed(), z, process=PROCESS, solver="auto", nfe=5, tuning=t), exact) for t in (plain, fitted)
+    ]
+    assert errors[1] < 0.8 * errors[0], errors
+    corrected = correct(Keyed(), plain, PROCESS, "eps", shape=(4,), samples=128, iters=30)
+    assert corrected.entry(5).corrections and corrected.entry(5).times == entry.times
+    with pytest.raises(ValueError, match=r"nfes \[7\] have no entry in this tuning"):
+        correct(Keyed(), plain, PROCESS, "eps", shape=(4,), nfes=[7])
+    with pytest.raises(TuningError, match="prediction"):
+        correct(Keyed(), plain, PROCESS, "v", shape=(4,))

@@ -281,3 +281,31 @@ def test_the_best_few_are_confirmed_on_more_selection_samples():
     assert Tuning.from_dict(old).entry(5).confirmed == {}
     with pytest.raises(ValueError, match="confirm_samples"):
         tune(KeyedModel(), PROCESS, "eps", [5], model_key="k", **dict(FAST, confirm_samples=1))
+
+
+def test_cli_correct_only_fits_corrections_of_the_attached_tuning(tmp_path):
+    """`fewstep tune CKPT --correct-only` keeps the checkpoint's tuned solver and grid and adds learned corrections; a
+    checkpoint without a tuning is a usage error."""
+    from typer.testing import CliRunner
+
+    from fewstep.cli import app
+
+    config = {"model": {"net": {"type": "mlp", "dim": 2, "width": 8, "depth": 1}, "prediction": "eps"}}
+    torch.manual_seed(0)
+    model = build_model(config["model"], PROCESS)
+    sidecar = save_checkpoint(tmp_path / "checkpoint", model=model, config=config, step=1)
+    runner = CliRunner()
+    args = ["tune", str(sidecar), "--correct-only", "--nfe", "4", "--calibrate-iters", "10", "--reference-steps", "40"]
+    bad = runner.invoke(app, args)
+    assert bad.exit_code == 2 and "no tuning to correct" in " ".join(bad.output.split())
+    times = fewstep.time_grid(PROCESS, 3, PROCESS.t_max, PROCESS.t_min, "quadratic").tolist()
+    entry = {"nfe": 4, "solver": "ddim", "steps": 3, "times": times, "denoise_to_zero": True, "options": {}, "error": 1.0}
+    key = {"model": model_digest(model), "process": repr(PROCESS), "prediction": "eps"}
+    data = {"format": "fewstep-tuning", "version": 1, "name": "", **key, "reference": {}, "entries": {"4": entry}}
+    Tuning.from_dict(data).save(tuning_path(sidecar))
+    ok = runner.invoke(app, [*args, "--out", str(tmp_path / "c.tuning.json")])
+    assert ok.exit_code == 0, ok.output
+    corrected = Tuning.load(tmp_path / "c.tuning.json").entry(4)
+    assert corrected.solver == "ddim" and corrected.times == times
+    fitted = corrected.fitted_corrections()
+    assert fitted is None or (fitted.nfe == 4 and fitted.error < fitted.error_before)  # kept only where it pays
