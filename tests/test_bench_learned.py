@@ -130,3 +130,23 @@ def test_diffusers_flow_match_euler_on_a_velocity_model_matches_fewstep_euler():
 def test_bad_options_are_usage_errors(args, option):
     result = CliRunner().invoke(app, ["bench", "learned", *args])
     assert result.exit_code == 2 and option in result.output
+
+
+def test_reuse_takes_fixed_and_peer_rows_and_reruns_the_defaults(bench):
+    """With `reuse`, the fixed and peer rows are the earlier result's (same noise and reference), the tuned row is run
+    again with the model's current tuning; an earlier result of other noise or NFEs is refused."""
+    result, model, process, noise = bench
+    entry = model.tuning.entries[4]
+    model.tuning.entries[4] = TunedEntry(nfe=4, solver="dpmpp_2m", steps=3, times=entry.times, grid="quadratic")
+    try:
+        again = bl.bench_model("ring2d", model, process, "eps", [4], noise, candidates=(), reference_steps=100, reuse=result)
+    finally:
+        model.tuning.entries[4] = entry
+    assert [r.label for r in again.kind(bl.FIXED, *bl.PEER_KINDS)] == [r.label for r in result.kind(bl.FIXED, *bl.PEER_KINDS)]
+    assert again.row(bl.FIXED, "fewstep ddim / logsnr").cells[4] == result.row(bl.FIXED, "fewstep ddim / logsnr").cells[4]
+    assert again.row(bl.TUNED).cells[4].rmse != result.row(bl.TUNED).cells[4].rmse
+    assert again.row(bl.TUNED).cells[4].what.startswith("dpmpp_2m")
+    with pytest.raises(ValueError, match="reuse: the earlier report"):
+        bl.bench_model("ring2d", model, process, "eps", [5], noise, candidates=(), reference_steps=100, reuse=result)
+    with pytest.raises(ValueError, match="reuse: the earlier report"):
+        bl.bench_model("ring2d", model, process, "eps", [4], noise[:8], candidates=(), reference_steps=100, reuse=result)

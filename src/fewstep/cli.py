@@ -279,6 +279,11 @@ def bench_learned_command(
     n: int = typer.Option(256, min=2, max=100_000, help="Samples (report noise)."),
     seed: int = typer.Option(2, min=0, max=MAX_SEED, help="Seed of the report noise (the tuning used 0 and 1)."),
     no_peers: bool = typer.Option(False, "--no-peers", help="Skip diffusers and k-diffusion."),
+    reuse: list[Path] = typer.Option(
+        None,
+        help="learned.json of an earlier run on the same noise: its fixed and peer "
+        "rows are taken as they are, only the tuned and fallback rows run (repeatable).",
+    ),  # fmt: skip
     out: Path = typer.Option(Path("out/bench"), help="Folder for learned.md, learned.json and learned.png."),
 ) -> None:
     """Tuned and fallback defaults vs every fixed configuration and the peers on the shipped learned models (RMSE to a
@@ -292,9 +297,17 @@ def bench_learned_command(
     names = parse_names(models, SHIPPED_MODELS, "--models", "model") if models is not None else list(SHIPPED_MODELS)
     budget = parse_ints(nfes, "--nfes", minimum=2)
     writable_dir(out, "--out")
+    earlier = []
+    for path in reuse or []:
+        try:
+            earlier += [bl.LearnedResult.from_dict(d) for d in json.loads(Path(path).read_text())]
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise typer.BadParameter(
+                f"{path} is not a learned.json of fewstep bench learned: {err}", param_hint="--reuse"
+            ) from err
     start = time.perf_counter()
-    with usage_errors(options={"nfes": "--nfes", "nfe": "--nfes", "reference": "--models"}):
-        results = bl.bench_learned(names, budget, n=n, seed=seed, peers=not no_peers, log=console.print)
+    with usage_errors(options={"nfes": "--nfes", "nfe": "--nfes", "reference": "--models", "reuse": "--reuse"}):
+        results = bl.bench_learned(names, budget, n=n, seed=seed, peers=not no_peers, reuse=earlier, log=console.print)
     text = bl.report(results, bands=LEARNED_BANDS)
     command = f"fewstep bench learned --models {','.join(names)} --nfes {nfes} --n {n} --seed {seed}"
     text += f"\n`{command}`: {time.perf_counter() - start:.0f} s in all\n"

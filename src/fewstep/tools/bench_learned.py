@@ -142,7 +142,7 @@ def _fewstep_cell(model, noise, reference, process, prediction, fd, budget: int,
     cell = _measure(Cell(nfe=x.nfe), x, reference, fd)
     choice = getattr(x, "choice", None)
     if choice is not None:
-        cell.what = f"{choice['solver']} / {choice['schedule']}"
+        cell.what = f"{choice['solver']} / {choice['schedule']}" + (" + corrections" if choice.get("corrected") else "")
         cell.fallback = choice["source"] != "tuned"
     return cell
 
@@ -162,9 +162,13 @@ def bench_model(
     reference_steps: int = 200,
     reference_rtol: float = math.inf,
     seed: int = -1,
+    reuse: LearnedResult | None = None,
     log: Callable[[str], None] | None = None,
 ) -> LearnedResult:
     """Every configuration of the report on one model, from `noise` (see the module doc).
+
+    reuse: an earlier result of the same model, noise and reference: its fixed and peer rows are taken as they are
+    (they do not depend on the model's tuning or the fallback rule) and only the tuned and fallback rows are run.
 
     model: `model(x, t)` predicting `prediction` on `process`; its tuning (`model.tuning`, or a `tuning_key` model's)
     is what solver="auto" uses. fd: samples -> FD (None: no FD). peers: also run the peer adapter's configurations.
@@ -184,10 +188,14 @@ def bench_model(
     tuned, fallback = LearnedRow(TUNED, TUNED_LABEL), LearnedRow(FALLBACK, FALLBACK_LABEL)
     fixed = [LearnedRow(FIXED, f"fewstep {s} / {g}", solver=s, grid=g) for s, g in candidates]
     target = peer_lib.Target(model, process, prediction)
-    peer_runs = peer_lib.peers(target) if peers else {}
+    peer_runs = peer_lib.peers(target) if peers and reuse is None else {}
     peer_rows = [LearnedRow(KDIFFUSION if label.startswith("k-diffusion") else DIFFUSERS, label) for label in peer_runs]
+    if reuse is not None:
+        fixed, peer_rows = _reused_rows(reuse, name, noise, record, nfes)
     rows += [tuned, fallback, *fixed, *peer_rows]
     common = (model, noise, reference, process, prediction, fd)
+    if reuse is not None:
+        fixed, peer_rows = [], []  # taken as they are: nothing to run
     for nfe in nfes:
         tuned.cells[nfe] = _fewstep_cell(*common, nfe, solver="auto", nfe=nfe)
         kwargs = recommended(nfe, process)
@@ -215,13 +223,26 @@ def bench_model(
                 row.cells[nfe] = _measure(Cell(nfe=nfe), x, reference, fd)
         say(f"{name}: NFE {nfe} done, {time.perf_counter() - start:.0f} s")
     baseline = f"fewstep ddim / {process.default_schedule}"
-    base = next((r for r in fixed if r.label == baseline), None)
+    base = next((r for r in rows if r.kind == FIXED and r.label == baseline), None)
     for row in rows[1:]:
         for nfe, cell in row.cells.items():
             limit = base.cells[nfe].rmse if base is not None else math.inf
             cell.diverged = cell.ran and (not math.isfinite(cell.rmse) or (math.isfinite(limit) and cell.rmse > limit))
     return LearnedResult(name, repr(process), prediction, nfes, int(noise.shape[0]), seed, rows, record,
                          baseline if base is not None else "", time.perf_counter() - start)  # fmt: skip
+
+
+def _reused_rows(reuse: LearnedResult, name: str, noise: torch.Tensor, record: dict[str, Any], nfes: list[int]):
+    """The fixed and peer rows of `reuse` at `nfes`; ValueError unless it is a result of the same model, noise and
+    reference (same samples and seed, same reference convergence record) that covers every NFE asked for."""
+    same = (reuse.model, reuse.samples, reuse.reference.get("estimated_error_median")) == (
+        name, int(noise.shape[0]), record.get("estimated_error_median"))  # fmt: skip
+    if not same or any(n not in reuse.nfes for n in nfes):
+        raise ValueError(f"reuse: the earlier report is of {reuse.model!r}, {reuse.samples} samples of seed {reuse.seed}, "
+                         f"NFE {reuse.nfes}; it must be of {name!r} on the same noise and reference, at every NFE of "
+                         f"{nfes}")  # fmt: skip
+    keep = lambda row: LearnedRow(row.kind, row.label, {n: row.cells[n] for n in nfes}, row.solver, row.grid)  # noqa: E731
+    return [keep(r) for r in reuse.kind(FIXED)], [keep(r) for r in reuse.kind(*PEER_KINDS)]
 
 
 def bench_learned(
@@ -231,9 +252,11 @@ def bench_learned(
     n: int = 256,
     seed: int = 2,
     peers: bool = True,
+    reuse: Sequence[LearnedResult] = (),
     log: Callable[[str], None] | None = None,
 ) -> list[LearnedResult]:
-    """`bench_model` on shipped models (or checkpoints) by name, from standard normal noise of `seed`, with FD."""
+    """`bench_model` on shipped models (or checkpoints) by name, from standard normal noise of `seed`, with FD;
+    `reuse`: earlier results whose fixed and peer rows are taken for the model of the same name."""
     from ..sample_model import sample_shape
     from ..shipped import load_model
 
@@ -243,8 +266,9 @@ def bench_learned(
         loaded = load_model(name)
         shape = sample_shape(loaded)
         noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+        earlier = next((r for r in reuse if r.model == name), None)
         results.append(bench_model(name, loaded.model, loaded.process, loaded.prediction, nfes, noise, fd=fd, peers=peers,
-                                   seed=seed, log=log))  # fmt: skip
+                                   seed=seed, reuse=earlier, log=log))  # fmt: skip
     return results
 
 
