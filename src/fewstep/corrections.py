@@ -6,7 +6,9 @@ Each network evaluation k of a fixed solver run (solver, grid, NFE) is corrected
   Exposure Bias in Diffusion Models through Sampling with Shifted Time Steps", ICLR 2024, chose the shift by a
   variance rule; here it is fitted);
 - scale_k: its noise prediction is scaled by 1 + scale_k (epsilon scaling, Ning et al., "Elucidating the Exposure
-  Bias in Diffusion Models", ICLR 2024): x0 <- x0 + scale_k (x0 - x / alpha);
+  Bias in Diffusion Models", ICLR 2024), x0 <- x0 - scale_k (sigma / alpha) eps, where sigma <= alpha; at higher
+  noise x0 <- x0 - scale_k eps (a step of the fit then moves x0 by at most its size in units of the noise, not by
+  sigma / alpha times it: 160x at the start of a cosine schedule);
 - mix_k: its data prediction moves toward the previous `memory` ones, x0 <- x0 + sum_j mix_kj (x0_{k-j} - x0): a
   learned form of DC-Solver's compensation (Zhao et al., ECCV 2024); through the solver's own linear combination of
   the data predictions it reaches learned multistep weights, as Bespoke Solvers (Shaul et al., ICLR 2024) and S4S
@@ -113,7 +115,7 @@ class CorrectedModel:
         self.history: list[torch.Tensor] = []
         at = [torch.tensor(t, dtype=torch.float64) for t in self.times]  # per-call facts as Python values: no device syncs
         self._log_snr = [float(process.log_snr(t)) for t in at]
-        self._alpha_positive = [float(process.alpha(t)) > 0 for t in at]
+        self._low_noise = [float(process.sigma(t)) <= float(process.alpha(t)) for t in at]
         trainable = self.params["shift"].requires_grad
         self._shifted = [
             math.isfinite(v) and (trainable or s != 0.0) for v, s in zip(self._log_snr, corrections.shift, strict=True)
@@ -144,8 +146,10 @@ class CorrectedModel:
         x0, _ = to_x0_eps(self.model(x, t_net, **model_kwargs), self.prediction, x, c)
         self.history.append(x0)
         out = x0
-        if self._alpha_positive[k]:  # where alpha = 0 (pure noise) eps = x / sigma carries no error to scale
+        if self._low_noise[k]:  # sigma <= alpha: epsilon scaling, -(sigma / alpha) eps = x0 - x / alpha
             out = out + scale.to(x.dtype) * (x0 - x / c.alpha.to(x.dtype))
+        else:  # higher noise (alpha = 0 included): the noise prediction itself, eps = (x - alpha x0) / sigma
+            out = out - scale.to(x.dtype) * (x - c.alpha.to(x.dtype) * x0) / c.sigma.to(x.dtype)
         for j in range(1, min(mix.numel(), k) + 1):
             out = out + mix[j - 1].to(x.dtype) * (self.history[-1 - j] - x0)
         return out
