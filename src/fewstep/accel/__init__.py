@@ -1,8 +1,10 @@
-"""Cheaper network evaluations: feature caching (DeepCache), compiled / bf16 inference, post-training quantization,
-and T-Stitch (a small model for the early steps). Every method wraps a fewstep model `model(x, t)` and composes with
-every solver, since it decides by the call's time t, never by counting calls.
+"""Cheaper network evaluations: feature caching (DeepCache; adaptive, TeaCache / First-Block-Cache style), compiled /
+bf16 inference, post-training quantization, and T-Stitch (a small model for the early steps). Every method wraps a
+fewstep model `model(x, t)` and composes with every solver, since it decides by the call's time t (and the adaptive
+cache by its input's change), never by counting calls.
 """
 
+from .adaptive import AdaptiveCache
 from .cache import DeepCache
 from .compile import COMPILE_MODES, compile_model
 from .flops import count_flops
@@ -13,6 +15,7 @@ from .stitch import Stitch
 __all__ = [
     "COMPILE_MODES",
     "REFRESH_RULES",
+    "AdaptiveCache",
     "DeepCache",
     "QuantizedModel",
     "Stitch",

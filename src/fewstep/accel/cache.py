@@ -6,7 +6,8 @@ connection at `depth`) is computed at refresh steps only and reused at the other
 (input convolution, the first `depth` skips, their up-blocks and the head) runs. Unlike the reference implementation,
 which finds the step by `timesteps.index(t)` and so miscounts Heun-type stage evaluations, a call refreshes when its
 own time t is a refresh point of the planned grid (`plan(ts)`); calls at other grid points or off the grid (solver
-stages) reuse. With interval 1 every call refreshes and the output is bit-identical to the model's.
+stages) reuse. With interval 1 every call refreshes and the output is bit-identical to the model's. `FeatureCache`
+holds what DeepCache shares with adaptive caching (`adaptive.AdaptiveCache`): the split backbone, grid and counts.
 Shapes: x [batch, C, H, W], t [batch] -> [batch, C, H, W].
 """
 
@@ -24,14 +25,21 @@ from .backbone import backbone_of, check_grid, is_unet2d, with_backbone
 from .diffusers_split import check_splittable, unet2d_forward_split
 from .refresh import REFRESH_RULES, match_grid, refresh_indices, reuses
 
+Policy = Callable[[torch.Tensor, bool], bool]  # (the deep branch's input, refresh forced) -> whether to refresh
+
 
 class _CachedNet(nn.Module):
-    """The backbone run split at `depth`: full (and remember the deep feature) when `refresh` is set, else shallow."""
+    """The backbone run split at `depth`: full (remembering the deep feature) or shallow, reusing the remembered one.
+
+    Without a `policy` a call is full when `refresh` is set (DeepCache decides by time before the call); with one,
+    the policy decides inside the call from the deep branch's input (adaptive caching), `refresh` forcing a full pass.
+    """
 
     def __init__(self, net: nn.Module, depth: int):
         super().__init__()
         self.net, self.depth = net, depth
         self.refresh = True
+        self.policy: Policy | None = None
         self.deep: torch.Tensor | None = None
         self.counts = {"refresh": 0, "reuse": 0}
         self.split_fn: Callable = self.split  # replaced by a compiled version in DeepCache.compile
@@ -40,17 +48,28 @@ class _CachedNet(nn.Module):
         """net(x, noise_level), or a diffusers UNet2DModel's call net(x, timestep=...) (then a 1-tuple, as return_dict=False)."""
         timestep = kwargs.pop("timestep", None)
         if kwargs:
-            raise TypeError(f"DeepCache does not pass conditioning to the network: got {', '.join(sorted(kwargs))}")
+            raise TypeError(f"feature caching does not pass conditioning to the network: got {', '.join(sorted(kwargs))}")
         level = noise_level if timestep is None else torch.as_tensor(timestep, device=x.device)
         stale = self.deep is None or self.deep.shape[0] != x.shape[0] or self.deep.dtype != x.dtype
-        refresh = self.refresh or stale
-        out, feature = self.split_fn(x, level, None if refresh else self.deep)
+        force = self.refresh or stale
+        decided: list[bool] = []
+
+        def choose(h: torch.Tensor) -> torch.Tensor | None:
+            decided.append(self.policy(h, force) or force)  # a forced refresh stays one whatever the policy says
+            return None if decided[-1] else self.deep
+
+        if self.policy is not None:
+            deep = choose
+        else:
+            deep = None if force else self.deep
+        out, feature = self.split_fn(x, level, deep)
+        refresh = decided[0] if decided else force
         if refresh:
             self.deep = feature
         self.counts["refresh" if refresh else "reuse"] += 1
         return (out,) if timestep is not None else out
 
-    def split(self, x: torch.Tensor, noise_level: torch.Tensor, deep: torch.Tensor | None):
+    def split(self, x: torch.Tensor, noise_level: torch.Tensor, deep: torch.Tensor | Callable | None):
         """(output, deep feature) of the backbone split at `depth`; the deep branch skipped where `deep` is given."""
         if is_unet2d(self.net):
             return unet2d_forward_split(self.net, x, noise_level, self.depth, deep)
@@ -59,11 +78,73 @@ class _CachedNet(nn.Module):
         return self.net.forward_split(x, noise_level, self.depth, deep)
 
 
-class DeepCache:
-    """`DeepCache(model, interval=3, depth=1, refresh="uniform")`: a fewstep model `cache(x, t)` with feature caching.
+class FeatureCache:
+    """What DeepCache and AdaptiveCache share: the backbone split at `depth` (checked), the planned sampling grid, the
+    refresh / reuse counts, the call `cache(x, t)` that forces a full pass where `is_refresh(t)`.
 
     model: a fewstep UNet or DiffusersUNet, a DiffusionModel wrapping one (the shipped digits models), or a diffusers
     UNet2DModel as `fewstep.from_diffusers(unet, scheduler_config)[0]`.
+    """
+
+    def __init__(self, model: Callable, depth: int):
+        name = type(self).__name__
+        net = backbone_of(model, name)
+        if is_unet2d(net) or isinstance(net, DiffusersUNet):
+            branch_points = check_splittable(net if is_unet2d(net) else net.unet)
+        else:
+            branch_points = net.skips
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= branch_points:
+            raise ValueError(f"depth must be an integer in 1..{branch_points} for this network, got depth={depth!r}")
+        self.depth = depth
+        self._net = _CachedNet(net, depth)
+        self.model = with_backbone(model, self._net)
+        self.process: Process | None = getattr(model, "process", None)
+        self.prediction = getattr(model, "prediction", None)
+        self._ts: torch.Tensor | None = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self._net.counts)
+
+    def _set_grid(self, ts: torch.Tensor) -> torch.Tensor:
+        """Check and keep the sampling grid ts [steps + 1] and clear the cache; the grid as float64."""
+        self._ts = check_grid(ts)
+        self.reset()
+        return self._ts
+
+    def _grid(self) -> torch.Tensor:
+        if self._ts is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs the sampling grid first: cache.plan(fewstep.accel.sampling_grid(process, steps))"
+            )
+        return self._ts
+
+    def reset(self) -> None:
+        """Forget the cached features and the call counts (the plan stays)."""
+        self._net.deep = None
+        self._net.counts = {"refresh": 0, "reuse": 0}
+
+    def __enter__(self) -> FeatureCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ts = None
+        self._net.deep = None
+
+    def is_refresh(self, t: float) -> bool:
+        """Whether a call at time t must recompute the deep features."""
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        self._net.refresh = self.is_refresh(float(t.reshape(-1)[0]))
+        return self.model(x, t)
+
+
+class DeepCache(FeatureCache):
+    """`DeepCache(model, interval=3, depth=1, refresh="uniform")`: a fewstep model `cache(x, t)` with feature caching.
+
+    model: see `FeatureCache`.
     interval: about one refresh per `interval` grid points (1 = no caching, bit-identical). depth: the branch
     point, 1..(number of skips for UNet, down blocks for DiffusersUNet); larger = more recomputed, less error.
     refresh: "uniform" (every interval-th grid point) or "log_snr" (as many points, spread evenly over the log-SNR the
@@ -73,28 +154,13 @@ class DeepCache:
     """
 
     def __init__(self, model: Callable, interval: int = 3, depth: int = 1, refresh: str = "uniform"):
-        net = backbone_of(model)
-        if is_unet2d(net) or isinstance(net, DiffusersUNet):
-            branch_points = check_splittable(net if is_unet2d(net) else net.unet)
-        else:
-            branch_points = net.skips
+        super().__init__(model, depth)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1 (1 = no caching), got interval={interval!r}")
-        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= branch_points:
-            raise ValueError(f"depth must be an integer in 1..{branch_points} for this network, got depth={depth!r}")
         if refresh not in REFRESH_RULES:
             raise ValueError(f"refresh={refresh!r} is not known; allowed values: {', '.join(REFRESH_RULES)}")
-        self.interval, self.depth, self.refresh = interval, depth, refresh
-        self._net = _CachedNet(net, depth)
-        self.model = with_backbone(model, self._net)
-        self.process: Process | None = getattr(model, "process", None)
-        self.prediction = getattr(model, "prediction", None)
-        self._ts: torch.Tensor | None = None
+        self.interval, self.refresh = interval, refresh
         self._refresh: set[int] = set()
-
-    @property
-    def counts(self) -> dict[str, int]:
-        return dict(self._net.counts)
 
     def plan(self, ts: torch.Tensor, process: Process | None = None) -> DeepCache:
         """Set the sampling grid ts [steps + 1] (decreasing times) and clear the cache; usable as a context manager.
@@ -103,8 +169,7 @@ class DeepCache:
         """
         ts = check_grid(ts)
         self._refresh = set(refresh_indices(ts, self.interval, self.refresh, process or self.process))
-        self._ts = ts
-        self.reset()
+        self._set_grid(ts)
         steps = ts.numel() - 1
         if self.interval > 1 and (steps < 2 * self.interval or reuses(ts.numel(), sorted(self._refresh)) == 0):
             warnings.warn(
@@ -114,36 +179,18 @@ class DeepCache:
             )
         return self
 
-    def reset(self) -> None:
-        """Forget the cached features and the call counts (the plan stays)."""
-        self._net.deep = None
-        self._net.counts = {"refresh": 0, "reuse": 0}
-
     def refresh_times(self) -> list[float]:
         """The planned grid times whose calls refresh the cache."""
         if self._ts is None:
             return []
         return [float(self._ts[i]) for i in sorted(self._refresh)]
 
-    def __enter__(self) -> DeepCache:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._ts = None
-        self._net.deep = None
-
     def is_refresh(self, t: float) -> bool:
         """Whether a call at time t recomputes the deep features (interval 1: always; off-grid times: never)."""
-        if self._ts is None:
-            raise RuntimeError("DeepCache needs the sampling grid first: cache.plan(fewstep.time_grid(process, steps))")
+        ts = self._grid()
         if self.interval == 1:
             return True
-        return match_grid(self._ts, t) in self._refresh
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t)
-        self._net.refresh = self.is_refresh(float(t.reshape(-1)[0]))
-        return self.model(x, t)
+        return match_grid(ts, t) in self._refresh
 
     def compile(self, mode: str | None = "default", **options) -> DeepCache:
         """Compile the split backbone (one graph for refresh calls, one for reuse calls); options as `compile_model`."""

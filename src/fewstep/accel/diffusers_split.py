@@ -12,33 +12,49 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..nets.unet import Reuse
+
 
 def check_splittable(unet: nn.Module) -> int:
     """The number of branch points (down blocks) of a diffusers UNet2DModel; a TypeError for what the split lacks."""
     config = unet.config
     if unet.class_embedding is not None or config.time_embedding_type == "fourier" or config.center_input_sample:
-        raise TypeError("DeepCache supports UNet2DModel without class embedding, Fourier time embedding or center_input_sample")
+        raise TypeError("caching supports UNet2DModel without class embedding, Fourier time embedding or center_input_sample")
     if any(hasattr(block, "skip_conv") for block in [*unet.down_blocks, *unet.up_blocks]):
-        raise TypeError("DeepCache does not support UNet2DModel skip-sample blocks (SkipDownBlock2D, AttnSkipDownBlock2D)")
+        raise TypeError("caching does not support UNet2DModel skip-sample blocks (SkipDownBlock2D, AttnSkipDownBlock2D)")
     return len(unet.down_blocks)
 
 
 def unet2d_forward_split(
-    unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, depth: int | None = None, deep: torch.Tensor | None = None
+    unet: nn.Module,
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    depth: int | None = None,
+    deep: torch.Tensor | Reuse | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`unet(sample, timestep).sample` and the deep feature at `depth`; with `deep` given the deep branch is skipped."""
+    """`unet(sample, timestep).sample` and the deep feature at `depth`; with `deep` given the deep branch is skipped.
+
+    `deep` may be a function of the deep branch's input (the output of down_blocks[depth - 1]) returning the feature
+    to use or None to compute it (adaptive caching, `fewstep.accel.adaptive`).
+    """
     timesteps = timestep if timestep.ndim else timestep[None]
     timesteps = timesteps * torch.ones(sample.shape[0], dtype=timesteps.dtype, device=timesteps.device)
     emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=unet.dtype))
     sample = unet.conv_in(sample)
     res = (sample,)
     n = len(unet.down_blocks)
-    stop = n if deep is None else depth
-    for block in unet.down_blocks[:stop]:
+    shallow = n if deep is None else depth
+    for block in unet.down_blocks[:shallow]:
         sample, res_samples = block(hidden_states=sample, temb=emb)
         res += res_samples
-    if deep is None and unet.mid_block is not None:
-        sample = unet.mid_block(sample, emb)
+    if callable(deep):
+        deep = deep(sample)
+    if deep is None:
+        for block in unet.down_blocks[shallow:]:
+            sample, res_samples = block(hidden_states=sample, temb=emb)
+            res += res_samples
+        if unet.mid_block is not None:
+            sample = unet.mid_block(sample, emb)
     if deep is not None:
         res = res[: sum(len(b.resnets) for b in unet.up_blocks[n - depth :])]
     feature = None

@@ -8,13 +8,15 @@ so odd sizes (28 -> 14 -> 7 -> 4) work. Shapes: x [batch, channels, H, W], c_noi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .embedding import NoiseEmbedding
+
+Reuse = Callable[[torch.Tensor], "torch.Tensor | None"]  # the deep branch's input -> the cached feature, or None
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -133,7 +135,7 @@ class UNet(nn.Module):
         return self.forward_split(x, noise_level)[0]
 
     def forward_split(
-        self, x: torch.Tensor, noise_level: torch.Tensor, depth: int | None = None, deep: torch.Tensor | None = None
+        self, x: torch.Tensor, noise_level: torch.Tensor, depth: int | None = None, deep: torch.Tensor | Reuse | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The forward pass split at a skip connection, for feature caching (Ma et al., 2024, "DeepCache").
 
@@ -141,16 +143,21 @@ class UNet(nn.Module):
         take them and the output head; the deep branch is everything else, and its output is the feature entering
         the up-block that takes skip `depth - 1`. Returns (output, deep feature) [the feature is None for depth
         None]; with `deep` given (a feature returned earlier), the deep branch is not computed and `deep` is used.
+        `deep` may also be a function of the deep branch's input (the last shallow skip) returning the feature to
+        use or None to compute it: adaptive caching decides there (Liu et al., 2025, "TeaCache"; First-Block Cache).
         """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape [batch, {self.in_channels}, H, W], got {tuple(x.shape)}")
         if (depth is not None and not 1 <= depth <= self.skips) or (deep is not None and depth is None):
             raise ValueError(f"depth must be in 1..{self.skips} (and given with deep), got depth={depth!r}")
         emb = self.embed(noise_level)
-        hs = self._encode(self.inp(x), emb, self.skips if deep is None else depth)
-        h = hs[-1] if deep is None else deep
+        hs = self._encode([self.inp(x)], emb, self.skips if deep is None else depth)
+        if callable(deep):
+            deep = deep(hs[-1])
         if deep is None:
-            h = self._run_layers(self.mid, h, emb)
+            h = self._run_layers(self.mid, self._encode(hs, emb, self.skips)[-1], emb)
+        else:
+            h = deep
         split = None if depth is None else self.skips - depth
         feature = None
         for j, layers in enumerate(self.up):
@@ -164,19 +171,12 @@ class UNet(nn.Module):
                 h = self.upsample[i](F.interpolate(h, size=hs[-1].shape[-2:], mode="nearest"))
         return self.out(h), feature
 
-    def _encode(self, h: torch.Tensor, emb: torch.Tensor, stop: int) -> list[torch.Tensor]:
-        """The down path from the input convolution's output h, stopped once `stop` skips are stored; the skips."""
-        hs = [h]
-        down = iter(self.down)
-        for level in range(self.levels):
-            for _ in range(self.blocks):
-                if len(hs) == stop:
-                    return hs
-                h = self._run_layers(next(down), h, emb)
-                hs.append(h)
-            if level < self.levels - 1:
-                if len(hs) == stop:
-                    return hs
-                h = self.downsample[level](h)
-                hs.append(h)
+    def _encode(self, hs: list[torch.Tensor], emb: torch.Tensor, stop: int) -> list[torch.Tensor]:
+        """The skips hs (hs[0]: the input convolution's output) extended along the down path until `stop` are stored."""
+        while len(hs) < stop:
+            level, r = divmod(len(hs) - 1, self.blocks + 1)  # skip k > 0: a block's output, or a level's downsample
+            if r == self.blocks:
+                hs.append(self.downsample[level](hs[-1]))
+            else:
+                hs.append(self._run_layers(self.down[level * self.blocks + r], hs[-1], emb))
         return hs

@@ -1,11 +1,12 @@
 """`fewstep bench speed`: wall-clock per sample, network FLOPs and FD of each acceleration in `fewstep.accel` (issue 12).
 
 On a shipped digits model, one solver and step count, the same noise for every configuration: the plain model, DeepCache
-(Ma et al., 2024) at several intervals and depths, torch.compile / bf16 / channels_last, post-training quantization
-(Q-Diffusion-style calibration across the sampler's timesteps vs one timestep; simulated W8A8 / W4A8, and real int8
-Linear layers), and combinations; each as a ratio to the plain model measured in the same run. Optionally the
-end-to-end comparison of the issue's last target: the teacher at 50 NFE against the distilled student `digits_flow_cd`
-at 1-4 steps, eager and compiled.
+(Ma et al., 2024) at several intervals and depths, adaptive caching (TeaCache / First-Block Cache style, refresh when
+the first block's accumulated relative L1 change reaches a threshold) at a few thresholds, torch.compile / bf16 /
+channels_last, post-training quantization (Q-Diffusion-style calibration across the sampler's timesteps vs one
+timestep; simulated W8A8 / W4A8, and real int8 Linear layers), and combinations; each as a ratio to the plain model
+measured in the same run. Optionally the end-to-end comparison of the issue's last target: the teacher at 50 NFE
+against the distilled student `digits_flow_cd` at 1-4 steps, eager and compiled.
 
 Seconds per sample: the best of the n / batch chunks after one warm-up chunk (compilation excluded, reported apart;
 the best, not the median, because other jobs share the machine and only slow runs down). Speed-up: the plain model's
@@ -116,6 +117,14 @@ def _cache(model, interval: int, depth: int, refresh: str = "uniform", compile_m
     return cache, cache.plan
 
 
+ADAPTIVE = ((0.02, None), (0.1, 3), (0.2, 3))  # (threshold, max_reuse): relative L1 of the depth-1 indicator
+
+
+def _adaptive(model, threshold: float, max_reuse: int | None, depth: int = 1):
+    cache = accel.AdaptiveCache(model, threshold=threshold, depth=depth, max_reuse=max_reuse)
+    return cache, cache.plan
+
+
 def bench_speed(model_name: str = "digits_vp", solver: str = "dpmpp_2m", steps: int = 50, *, n: int = 512, batch: int = 128,
                 seed: int = 0, compile: bool = True, log: Callable[[str], None] = print) -> SpeedResult:  # fmt: skip
     """Every acceleration on one shipped model (see the module docstring); rows in the order they ran."""
@@ -139,6 +148,9 @@ def bench_speed(model_name: str = "digits_vp", solver: str = "dpmpp_2m", steps: 
     add(runner.run("plain (eager fp32)", "plain", model))
     for interval, depth in ((2, 1), (2, 2), (3, 1), (3, 2), (5, 1)):
         add(runner.run(f"DeepCache interval {interval}, depth {depth}", "cache", *_cache(model, interval, depth)))
+    for threshold, max_reuse in ADAPTIVE:
+        label = f"AdaptiveCache threshold {threshold:g}, max_reuse {max_reuse}, depth 1"
+        add(runner.run(label, "cache", *_adaptive(model, threshold, max_reuse)))
     add(runner.run("bf16 autocast (eager)", "compile", accel.compile_model(model, None, dtype="bf16"), flops_model=(model, None)))
     add(runner.run("channels_last (eager)", "compile", accel.compile_model(model, None, channels_last=True),
                    flops_model=(model, None)))  # fmt: skip
