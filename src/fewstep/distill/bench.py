@@ -12,7 +12,11 @@ float`. Per step count N (1, 2, 4 by default):
 - the teacher at `reference_nfe` (50): the lowest FD over `REFERENCE_SOLVERS` with that many steps, default grid.
 
 Each student's training time is its checkpoint's extra["train_seconds"] (written by the distillation objectives
-and kept by `fewstep.shipped.export`). Shapes: noise and samples [n, *sample_shape].
+and kept by `fewstep.shipped.export`). The figure (`plot_fd_vs_nfe`, issue 11 item 4): FD vs NFE (log-log) of every
+student at its step counts beside the teacher's training-free curve, the table's numbers at the step counts plus
+`curve_nfes` more NFEs (same `training_free` rule, on the first `curve_parts` noise sets, by default all: fewer sets
+are cheaper and noisier: FD at 1000 samples moves a lot between sets, see `mean_fd`) and its reference at `reference_nfe`.
+Shapes: noise and samples [n, *sample_shape].
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..io import save_figure
 from ..sampling import sample
 from .clock import SECONDS_KEY
 from .student import sample_student, stored_times
@@ -63,6 +69,8 @@ class DistillBench:
     training_free: dict[int, Scored]
     students: list[StudentResult]
     parts: int = 1  # FD is the mean over this many noise sets of `samples` each
+    curve: dict[int, Scored] = field(default_factory=dict)  # the teacher's training-free FD at NFEs beyond `steps`
+    curve_parts: int = 1  # ... as the mean over this many noise sets
 
 
 def mean_fd(fd: FD, parts: int) -> FD:
@@ -135,14 +143,23 @@ def bench_distill(
     seed: int = 0,
     reference_nfe: int = 50,
     parts: int = 1,
+    curve_nfes: Sequence[int] = (),
+    curve_parts: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> DistillBench:
     """Score (label, LoadedCheckpoint) students and the teacher (name, LoadedCheckpoint) on `noise` with `fd`; with
-    `parts` > 1 every score is the mean FD over that many equal slices of `noise` (`mean_fd`)."""
+    `parts` > 1 every score is the mean FD over that many equal slices of `noise` (`mean_fd`). `curve_nfes`: further
+    NFEs of the teacher's training-free curve (those in `steps` are the table's), each scored on the first
+    `curve_parts` slices (default: all `parts`)."""
     say = log or (lambda text: None)
     if parts < 1 or len(noise) % parts:
         raise ValueError(f"parts={parts} must be >= 1 and divide the {len(noise)} noise samples")
-    fd = mean_fd(fd, parts)
+    curve_parts = parts if curve_parts is None else curve_parts
+    if not 1 <= curve_parts <= parts:
+        raise ValueError(f"curve_parts={curve_parts} must be in 1..parts={parts}")
+    if any(int(n) < 1 for n in curve_nfes):
+        raise ValueError(f"curve_nfes={list(curve_nfes)} must be NFEs >= 1")
+    raw, fd = fd, mean_fd(fd, parts)
     name, loaded = teacher
     steps = sorted({int(n) for n in steps})
     reference = teacher_reference(loaded, noise, fd, reference_nfe)
@@ -151,11 +168,15 @@ def bench_distill(
     for n in steps:
         free[n] = training_free(loaded, noise, fd, n)
         say(f"teacher {name} training-free at {n} NFE: FD {free[n].fd:.4g} ({free[n].what})")
+    curve, part = {}, len(noise) // parts
+    for n in sorted({int(n) for n in curve_nfes} - set(steps)):
+        curve[n] = training_free(loaded, noise[: part * curve_parts], mean_fd(raw, curve_parts), n)
+        say(f"teacher {name} training-free at {n} NFE (curve): FD {curve[n].fd:.4g} ({curve[n].what})")
     results = []
     for label, student in students:
         results.append(score_student(label, student, noise, fd, steps, seed))
         say(f"student {label}: " + ", ".join(f"{n} steps FD {s.fd:.4g}" for n, s in results[-1].fds.items()))
-    return DistillBench(name, steps, len(noise) // parts, seed, reference_nfe, reference, free, results, parts)
+    return DistillBench(name, steps, part, seed, reference_nfe, reference, free, results, parts, curve, curve_parts)
 
 
 # Report ---------------------------------------------------------------------------------------------------------------
@@ -201,4 +222,59 @@ def markdown(bench: DistillBench) -> str:
     for s in bench.students:
         cells = [student_cell(bench, n, s.fds.get(n)) for n in bench.steps]
         lines.append(f"| {s.label} | {_minutes(s.train_seconds)} | " + " | ".join(cells) + " |")
+    if bench.curve:
+        free = {**bench.curve, **bench.training_free}
+        lines.append(f"\nThe teacher's training-free curve (FD at NFE; beyond the step counts over {bench.curve_parts} noise "
+                     "set(s)): " + ", ".join(f"{n}: {_num(free[n].fd)}" for n in sorted(free)))  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+# Figure ---------------------------------------------------------------------------------------------------------------
+
+TEACHER_SERIES = "teacher, best training-free"
+
+
+def fd_nfe_series(bench: DistillBench) -> dict[str, tuple[list[int], list[float]]]:
+    """The figure's data: {series label: (NFEs ascending, FDs)}: the teacher's training-free curve (`TEACHER_SERIES`:
+    the table's step counts and the extra curve NFEs) and one series per student label (its scored step counts)."""
+    free = {**bench.curve, **bench.training_free}
+    out = {TEACHER_SERIES: (sorted(free), [free[n].fd for n in sorted(free)])}
+    for s in bench.students:
+        out[s.label] = (sorted(s.fds), [s.fds[n].fd for n in sorted(s.fds)])
+    return out
+
+
+def plot_fd_vs_nfe(bench: DistillBench, path: str | Path) -> Path:
+    """FD vs NFE (log-log) of `fd_nfe_series`, the teacher's reference at `reference_nfe` as a dashed line; written
+    atomically to `path` (non-finite FDs are left out of the lines)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    markers = iter("osD^v<>ph*")
+    series = fd_nfe_series(bench)
+    for label, (nfes, fds) in series.items():
+        pts = [(n, v) for n, v in zip(nfes, fds, strict=True) if math.isfinite(v) and v > 0]
+        if not pts:
+            continue
+        teacher = label == TEACHER_SERIES
+        ax.plot(*zip(*pts, strict=True), "k-" if teacher else "-", marker="." if teacher else next(markers, "o"),
+                lw=2 if teacher else 1.5, ms=6 if teacher else 8, label=label, zorder=2 if teacher else 3)  # fmt: skip
+    ref = bench.reference
+    if math.isfinite(ref.fd) and ref.fd > 0:
+        ax.axhline(ref.fd, color="0.4", ls="--", lw=1, label=f"teacher @ {bench.reference_nfe} NFE ({ref.what})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ticks = sorted({n for nfes, _ in series.values() for n in nfes} | {bench.reference_nfe})
+    ax.set_xticks(ticks, [str(n) for n in ticks], minor=False)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    sets = f" x {bench.parts} noise sets (curve beyond the table: {bench.curve_parts})" if bench.parts > 1 else ""
+    ax.set(xlabel="NFE", ylabel="FD (digits features, lower is better)",
+           title=f"{bench.teacher}: FD of {bench.samples} samples{sets}")  # fmt: skip
+    ax.title.set_fontsize(9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)

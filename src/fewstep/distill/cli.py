@@ -118,9 +118,16 @@ def bench_distill_command(
     repeats: Annotated[int, typer.Option(min=1, max=100, help="Noise sets; FD is their mean (FD at 1000 is noisy).")] = 5,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the report noise.")] = 2,
     reference_nfe: Annotated[int, typer.Option(min=2, max=10_000, help="NFE of the teacher's reference.")] = 50,
-    out: Annotated[Path, typer.Option(help="Folder for distill.md.")] = Path("out/bench"),
+    curve: Annotated[
+        str, typer.Option(help="Comma-separated NFEs of the teacher's training-free curve in the figure ('' for none).")
+    ] = "1,2,3,4,6,8,12,16,24,32,50",  # fmt: skip
+    curve_repeats: Annotated[
+        int | None, typer.Option(min=1, max=100, help="Noise sets per curve point beyond --steps (default: --repeats).")
+    ] = None,  # fmt: skip
+    out: Annotated[Path, typer.Option(help="Folder for distill.md and distill_fd_nfe.png.")] = Path("out/bench"),
 ) -> None:
-    """FD of students at 1/2/4 steps beside the teacher at 50 NFE and its best training-free sampler at equal NFE."""
+    """FD of students at 1/2/4 steps beside the teacher at 50 NFE and its best training-free sampler at equal NFE;
+    the figure distill_fd_nfe.png: FD vs NFE of every student and the teacher's training-free curve."""
     import time
 
     import torch
@@ -131,9 +138,13 @@ def bench_distill_command(
     from ..shipped import load_model
     from ..tools.bench_learned import digits_fd
     from ..train.cli import parse_ints
-    from .bench import bench_distill, markdown
+    from .bench import bench_distill, markdown, plot_fd_vs_nfe
 
     counts = parse_ints(steps, "--steps")
+    curve_nfes = parse_ints(curve, "--curve") if curve.strip() else []
+    curve_repeats = repeats if curve_repeats is None else curve_repeats
+    if curve_repeats > repeats:
+        raise typer.BadParameter(f"--curve-repeats {curve_repeats} must be <= --repeats {repeats}", param_hint="--curve-repeats")
     specs = [s.strip() for s in students.split(",") if s.strip()]
     if not specs:
         raise typer.BadParameter("give at least one student", param_hint="--students")
@@ -150,10 +161,12 @@ def bench_distill_command(
     noise = torch.randn(n * repeats, *shape, generator=torch.Generator().manual_seed(seed))
     with usage_errors(options={"steps": "--steps", "nfe": "--steps"}):
         result = bench_distill(loaded, (teacher, loaded_teacher), noise, digits_fd(), steps=counts, seed=seed,
-                               reference_nfe=reference_nfe, parts=repeats, log=console.print)  # fmt: skip
+                               reference_nfe=reference_nfe, parts=repeats, curve_nfes=curve_nfes,
+                               curve_parts=curve_repeats, log=console.print)  # fmt: skip
     command = (f"fewstep bench distill --students {students} --teacher {teacher} --steps {steps} --n {n} "
-               f"--repeats {repeats} --seed {seed}")  # fmt: skip
-    text = markdown(result) + f"\n`{command}`: {time.perf_counter() - start:.0f} s\n"
+               f"--repeats {repeats} --seed {seed} --curve '{curve}' --curve-repeats {curve_repeats}")  # fmt: skip
+    figure = plot_fd_vs_nfe(result, out / "distill_fd_nfe.png")
+    text = markdown(result) + f"\nFigure: {figure.name} (FD vs NFE).\n\n`{command}`: {time.perf_counter() - start:.0f} s\n"
     atomic_write_text(out / "distill.md", text)
     console.print(text)
-    console.print(f"wrote {out / 'distill.md'}")
+    console.print(f"wrote {out / 'distill.md'}, {figure}")

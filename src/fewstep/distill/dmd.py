@@ -37,6 +37,14 @@ simulation: the current generator (not its EMA: the inputs must be those of the 
 run without gradient through its first k steps with fresh noise; x_g = G(x_{t_k}, t_k) with gradient and the loss
 above applies unchanged. The student stores the sub-grids of the trained times for 1..K steps (`backsim.sub_grids`);
 the probe scores the full K-step sample. With K = 1 nothing is drawn beyond the 1-step run's randomness.
+GAN head (DMD2, section 4.3; `fewstep.distill.gan`) with `gan_weight` > 0: a classifier on the fake score's bottleneck
+feature, trained inside each fake-score step on the Trainer's real batch x0 (the digits) and that step's generator
+samples, noised to the same level (the fake step's t; the generator samples' noise is the denoising loss's, so one
+forward of [x_g, x0] serves both), loss = denoising + gan_fake_weight * (softplus(-D(real_t)) + softplus(D(fake_t)));
+the generator adds gan_weight * softplus(-D(x_t)) at the distribution-matching loss's x_t. The head is optimised with
+the fake score (same AdamW, its own parameter group with learning rate `gan_lr`, default the fake score's) and
+checkpointed with it. With gan_weight = 0 (the default) nothing of it exists and the
+run is bit for bit the one without it.
 Shapes: z, x_g, x_t [batch, ...]; t [batch] float64; losses [batch].
 """
 
@@ -58,6 +66,7 @@ from ..train.objective import Objective
 from .backsim import backward_simulate, path_draws, path_noises, resolve_generator_times, sub_grids
 from .clock import TrainClock
 from .consistency import resolve_teacher
+from .gan import BottleneckHead, discriminator_loss, generator_gan_loss
 from .options import MatchingOptions, parse_table
 from .pairs import PairError, load_pairs
 from .probe import MetricsLog, QualityProbe
@@ -125,6 +134,9 @@ class DistributionMatchingObjective(Objective):
         options = parse_table(config.distill)
         assert isinstance(options, MatchingOptions)
         self.options, self.config, self.process, self.name = options, config, process, options.method
+        if options.gan_weight > 0 and len(data) == 0:
+            raise ConfigError("distill.gan_weight", "distill.gan_weight > 0 trains a GAN head on real data, but the run has "
+                              "none: give config.data (e.g. 'digits', the teacher's data set) or Trainer(data=...)")  # fmt: skip
         self.teacher = resolve_teacher(teacher, options, required=True)
         check_process(self.teacher, process)
         check_data_shape(self.teacher, data)
@@ -147,6 +159,7 @@ class DistributionMatchingObjective(Objective):
         self.fake: nn.Module | None = None
         self.fake_train: nn.Module | None = None
         self.fake_optimizer: torch.optim.Optimizer | None = None
+        self.gan: BottleneckHead | None = None
         self.probe: QualityProbe | None = None
         self.step = 0
         self.metrics = MetricsLog()
@@ -208,7 +221,13 @@ class DistributionMatchingObjective(Objective):
         if trainer.dist.enabled:
             self.fake_train = torch.nn.parallel.DistributedDataParallel(self.fake)
         c = self.config
-        self.fake_optimizer = torch.optim.AdamW(self.fake.parameters(), lr=self.options.fake_lr or c.lr,
+        self.fake_params, groups = list(self.fake.parameters()), None
+        if self.options.gan_weight > 0:  # the head: a second parameter group (its own learning rate)
+            self.gan = self._build_gan(trainer)
+            lr = self.options.gan_lr or self.options.fake_lr or c.lr
+            groups = [{"params": self.fake_params}, {"params": list(self.gan.parameters()), "lr": lr}]
+            self.fake_params = self.fake_params + groups[1]["params"]
+        self.fake_optimizer = torch.optim.AdamW(groups or self.fake_params, lr=self.options.fake_lr or c.lr,
                                                 weight_decay=c.weight_decay, foreach=True)  # fmt: skip
         self.real = data_prediction(self.teacher.model, self.teacher.prediction, self.process)
         self.fake_x0 = data_prediction(self.fake, self.fake.prediction, self.process)
@@ -217,6 +236,15 @@ class DistributionMatchingObjective(Objective):
             self.probe = QualityProbe(self.options.probe, self.options.probe_count, self.shape, self.teacher, c.seed)
             g = torch.Generator().manual_seed(c.seed + 104729)  # the probe's fixed re-noising (no training draw)
             self.probe_noises = [torch.randn(self.probe.noise.shape, generator=g) for _ in range(self.gen_steps - 1)]
+
+    def _build_gan(self, trainer: Trainer) -> BottleneckHead:
+        """The GAN head on the fake score's bottleneck (sized by one forward at t_gen); its DDP wrapper as gan_train."""
+        device = trainer.device
+        x = torch.zeros((1, *self.shape), device=device)
+        t = torch.full((1,), self.t_gen, dtype=torch.float64, device=device)
+        gan = BottleneckHead(self.fake, lambda: self.fake(x, t)).to(device)
+        self.gan_train = torch.nn.parallel.DistributedDataParallel(gan) if trainer.dist.enabled else gan
+        return gan
 
     def generate(self, model: Callable, z: torch.Tensor) -> torch.Tensor:
         """G(z): the model's data prediction at (sigma(t_gen) z, t_gen) for standard normal z [batch, ...] (step 0)."""
@@ -256,8 +284,9 @@ class DistributionMatchingObjective(Objective):
 
     def draw(self, x0: torch.Tensor, generator: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         """t and eps_dm (the generator loss's noise level and noise), fake_z/t/eps<j> for the fake-score steps,
-        pair_index (regression), and for a K-step generator the backward simulations' step indices and re-noising
-        (`backsim.path_draws`, prefixes gen_ and fake<j>_): [N] or [N, ...] each."""
+        pair_index (regression), for a K-step generator the backward simulations' step indices and re-noising
+        (`backsim.path_draws`, prefixes gen_ and fake<j>_), and with the GAN head gan_eps<j> (the real batch's noise
+        in fake step j): [N] or [N, ...] each."""
         n = len(x0)
         out = {"t": self._times(n, generator), "eps_dm": torch.randn(x0.shape, generator=generator, dtype=x0.dtype)}
         for j in range(self.options.fake_steps):
@@ -269,43 +298,70 @@ class DistributionMatchingObjective(Objective):
         if self.gen_steps > 1:
             for prefix in ("gen_", *(f"fake{j}_" for j in range(self.options.fake_steps))):
                 out.update(path_draws(prefix, n, x0.shape[1:], x0.dtype, self.gen_steps, generator))
+        if self.gan is not None:  # the real batch's noise per fake step, drawn last: all other draws as without GAN
+            for j in range(self.options.fake_steps):
+                out[f"gan_eps{j}"] = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
         return out
 
     # Loss ------------------------------------------------------------------------------------------------------
 
-    def _train_fake(self, model: nn.Module, draws: dict[str, torch.Tensor]) -> float:
-        """`fake_steps` denoising steps of the fake score on generator samples; its mean loss. A non-finite fake loss
-        raises NonFiniteLossError naming the step, before the fake score changes."""
+    def _fake_losses(self, x_g: torch.Tensor, x0: torch.Tensor, draws: dict[str, torch.Tensor], j: int):
+        """(denoising loss, discriminator loss or None) of fake step j: scalars. With the GAN head one forward of
+        [x_g, x0] noised at the same t (x_g with the denoising noise, x0 with gan_eps<j>) gives both."""
+        c, t, eps = self.config, draws[f"fake_t{j}"], draws[f"fake_eps{j}"]
+        kw = dict(process=self.process, prediction=self.fake.prediction, weighting=c.weighting, gamma=c.min_snr_gamma,
+                  sigma_data=c.sigma_data)  # fmt: skip
+        if self.gan is None:
+            return diffusion_loss(self.fake_train, x_g, t, eps, **kw).mean(), None
+        n = len(x_g)
+        with self.gan.capture():
+            both = diffusion_loss(self.fake_train, torch.cat([x_g, x0.to(x_g)]), torch.cat([t, t]),
+                                  torch.cat([eps, draws[f"gan_eps{j}"]]), **kw)  # fmt: skip
+            feature = self.gan.take()
+        logits = self.gan_train(feature)
+        return both[:n].mean(), discriminator_loss(logits[n:], logits[:n]).mean()
+
+    def _train_fake(self, model: nn.Module, x0: torch.Tensor, draws: dict[str, torch.Tensor]) -> dict[str, float]:
+        """`fake_steps` denoising steps of the fake score on generator samples (with the GAN head: plus its
+        discriminator loss on the real batch x0); their mean losses. A non-finite loss raises NonFiniteLossError naming
+        the step, before the fake score changes."""
         from ..train.trainer import NonFiniteLossError
 
-        c, fake = self.config, self.fake
+        c, fake, head = self.config, self.fake, self.gan
         fake.requires_grad_(True)
-        total = 0.0
+        if head is not None:
+            head.requires_grad_(True)
+        total, total_gan = 0.0, 0.0
         for j in range(self.options.fake_steps):
             z = draws[f"fake_z{j}"]
             x, t = self.generator_input(model, z, *self._path(draws, f"fake{j}_"))
             with torch.no_grad():
                 x_g = data_prediction(model, self.generator.prediction, self.process)(x, t).to(z.dtype)
-            loss = diffusion_loss(self.fake_train, x_g, draws[f"fake_t{j}"], draws[f"fake_eps{j}"], process=self.process,
-                                  prediction=fake.prediction, weighting=c.weighting, gamma=c.min_snr_gamma,
-                                  sigma_data=c.sigma_data).mean()  # fmt: skip
+            loss, disc = self._fake_losses(x_g, x0, draws, j)
             value = float(self.dist.mean(loss.detach()))
-            if not math.isfinite(value):
+            gan_value = 0.0 if disc is None else float(self.dist.mean(disc.detach()))
+            if not (math.isfinite(value) and math.isfinite(gan_value)):
+                which = "fake-score" if not math.isfinite(value) else "GAN discriminator"
                 raise NonFiniteLossError(
-                    f"the {self.name} fake-score loss is {value} at step {self.step + 1}: training stopped before the "
-                    f"weights changed; the last checkpoint written (if any, in {self.out_dir}) is kept"
+                    f"the {self.name} {which} loss is {value if which == 'fake-score' else gan_value} at step "
+                    f"{self.step + 1}: training stopped before the weights changed; the last checkpoint written (if "
+                    f"any, in {self.out_dir}) is kept"
                 )
             self.fake_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if disc is None else loss + self.options.gan_fake_weight * disc).backward()
             if c.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(fake.parameters(), c.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.fake_params, c.grad_clip)
             self.fake_optimizer.step()
-            total += value
+            total, total_gan = total + value, total_gan + gan_value
         fake.requires_grad_(False)  # the generator's loss below differentiates through it, never into it
-        return total / self.options.fake_steps
+        values = {"fake_loss": total / self.options.fake_steps}
+        if head is not None:
+            head.requires_grad_(False)
+            values["gan_disc_loss"] = total_gan / self.options.fake_steps
+        return values
 
     def loss(self, model: nn.Module, x0: torch.Tensor, eps: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
-        fake_loss = self._train_fake(model, draws)
+        fake_values = self._train_fake(model, x0, draws)
         x, t = self.generator_input(model, eps, *self._path(draws, "gen_"))
         if self.pairs is not None:  # one generator pass for both (DDP allows one forward per backward); pairs: step 0
             index = draws["pair_index"].cpu()
@@ -315,7 +371,11 @@ class DistributionMatchingObjective(Objective):
         x_g = x_all[: len(eps)]
         x_t = self.process.add_noise(x_g, draws["t"], draws["eps_dm"])
         losses = self.generator_loss(x_g, x_t, draws["t"], self.real, self.fake_x0, self.options)
-        self._last = {"generator_loss": float(losses.detach().mean()), "fake_loss": fake_loss}
+        self._last = {"generator_loss": float(losses.detach().mean()), **fake_values}
+        if self.gan is not None:  # through the frozen fake score and head into x_g
+            gan = generator_gan_loss(self.gan(self.gan.features(self.fake, x_t, draws["t"])))
+            self._last["gan_generator_loss"] = float(gan.detach().mean())
+            losses = losses + self.options.gan_weight * gan
         if self.pairs is not None:
             target = self.pairs[1][draws["pair_index"].cpu()].to(x_all)
             regression = _per_sample_mean((_wide(x_all[len(eps) :]) - _wide(target)).pow(2))
@@ -354,6 +414,8 @@ class DistributionMatchingObjective(Objective):
         opt_tensors, opt_meta = flatten_optimizer(self.fake_optimizer)
         tensors = {f"fake.{k}": v.detach().cpu().clone() for k, v in self.fake.state_dict().items()}
         tensors.update({f"fake_opt.{k}": v.cpu() for k, v in opt_tensors.items()})
+        if self.gan is not None:
+            tensors.update({f"gan.{k}": v.detach().cpu().clone() for k, v in self.gan.state_dict().items()})
         values = {"fake_optimizer": opt_meta, "metrics": self.metrics.state(), **self.clock.state()}
         if math.isfinite(self.best_probe):
             values["best_probe"] = self.best_probe
@@ -362,6 +424,8 @@ class DistributionMatchingObjective(Objective):
     def load_state(self, tensors: dict[str, torch.Tensor], values: dict[str, Any], where: str) -> None:
         self.clock.load(values, where)
         load_state(self.fake, section(tensors, "fake"), f"fake score in {where}")
+        if self.gan is not None:
+            load_state(self.gan, section(tensors, "gan"), f"GAN head in {where} (a run with distill.gan_weight > 0)")
         unflatten_optimizer(self.fake_optimizer, section(tensors, "fake_opt"), values.get("fake_optimizer"), where)
         self.metrics.load(values.get("metrics"))
         best = values.get("best_probe", math.inf)

@@ -7,7 +7,8 @@ al., 2024); the method picks where x_r comes from and the defaults:
 - "ect": as "ct" with ECT's continuous r-schedule (q = 2, k = 8, b = 1, 8 stages), starting from the diffusion loss.
 "pd": progressive distillation (Salimans & Ho, 2022), rounds from `start_steps` down to `end_steps`.
 "dmd", "sid": distribution matching (Yin et al., 2024; Zhou et al., 2024), `fewstep.distill.dmd`, with K-step
-generators by backward simulation (`generator_times` / `generator_steps`, `fewstep.distill.backsim`); "reflow": a velocity
+generators by backward simulation (`generator_times` / `generator_steps`, `fewstep.distill.backsim`) and DMD2's optional
+GAN head (`gan_weight` > 0, `fewstep.distill.gan`); "reflow": a velocity
 model retrained on coupled (noise, teacher sample) pairs (Liu et al., 2023), `fewstep.distill.reflow`.
 """
 
@@ -111,6 +112,9 @@ class MatchingOptions:
     generator_steps: int | None = None
     generator_times: tuple[float, ...] | None = None
     alpha: float = 1.2
+    gan_weight: float = 0.0
+    gan_fake_weight: float = 0.01
+    gan_lr: float | None = None
     init_from_teacher: bool | None = None
     teacher: str | None = None
 
@@ -145,7 +149,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "pd": {"start_steps": 64, "end_steps": 1, "steps_per_round": None, "grid": None, "weighting": "truncated_snr"},
     "dmd": {"fake_steps": 5, "fake_lr": None, "fake_warmup": 0, "t_low": 0.02, "t_high": 0.98, "regression_pairs": None,
             "regression_weight": 0.25, "fake_score": None, "probe": "energy", "probe_every": 0, "probe_count": 256,
-            "init_generator": None, "generator_steps": None, "generator_times": None},
+            "init_generator": None, "generator_steps": None, "generator_times": None, "gan_weight": 0.0,
+            "gan_fake_weight": 0.01, "gan_lr": None},
     "reflow": {"pairs": None, "time_distribution": "uniform"},
 }  # fmt: skip
 DEFAULTS["sid"] = {**DEFAULTS["dmd"], "fake_steps": 1, "alpha": 1.2}
@@ -269,6 +274,9 @@ RULES: dict[str, Callable[[str, Any], Any]] = {
     "probe_every": _integer(0),
     "probe_count": _integer(2),
     "alpha": _real(0.0),
+    "gan_weight": _real(0.0),
+    "gan_fake_weight": _real(0.0, open_low=True),
+    "gan_lr": _real(0.0, open_low=True),
     "pairs": _folder,
 }
 REFLOW_RULES = {"time_distribution": _choice(REFLOW_TIMES)}
@@ -299,6 +307,10 @@ def parse_table(table: dict[str, Any]) -> ConsistencyOptions | ProgressiveOption
     if method == "pd":
         return _progressive(values)
     if method in MATCHING_METHODS:
+        for key in ("gan_fake_weight", "gan_lr"):
+            if key in table and values["gan_weight"] == 0:
+                raise ConfigError(f"distill.{key}", f"distill.{key} is a setting of the GAN head, which is off: set "
+                                  "distill.gan_weight > 0 (e.g. 0.01) to train the head")  # fmt: skip
         return _matching(values)
     if method == "reflow":
         if values["pairs"] is None:
