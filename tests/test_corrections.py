@@ -68,15 +68,6 @@ def test_the_corrected_model_refuses_another_run(fitted):
 
 
 def test_auto_applies_the_corrections_of_a_tuned_entry(fitted, tmp_path):
-    class Keyed:
-        tuning_key = "mixture-corrections"
-
-        def __init__(self):
-            self.exact = MIXTURE.model(PROCESS, "eps")
-
-        def __call__(self, x, t):
-            return self.exact(x, t)
-
     times = fewstep.time_grid(PROCESS, 4, PROCESS.t_max, PROCESS.t_min, "logsnr").tolist()
     entry = TunedEntry(nfe=5, solver="dpmpp_2m", steps=4, times=times, grid="logsnr", corrections=fitted.to_dict())
     tuning = Tuning("mixture-corrections", repr(PROCESS), "eps", entries={5: entry})
