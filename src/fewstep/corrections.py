@@ -86,14 +86,19 @@ class Corrections:
         """The time each evaluation tells the network: its own, shifted by shift_k in log-SNR where that is finite."""
         out = []
         for t, shift in zip(self.times, self.shift, strict=True):
-            log_snr = process.log_snr(torch.tensor(t, dtype=torch.float64))
-            shifted = shift != 0.0 and bool(torch.isfinite(log_snr))
-            out.append(float(process.t_from_log_snr(torch.tensor(float(log_snr), dtype=torch.float64) + shift)) if shifted else t)
+            log_snr = float(process.log_snr(torch.tensor(t, dtype=torch.float64)))
+            out.append(float(shifted_time(process, log_snr, shift)) if shift != 0.0 and math.isfinite(log_snr) else t)
         return out
 
     def wrap(self, model: Model, process: Process, prediction: str) -> CorrectedModel:
         """A fresh corrected model for one solver run (prediction="x0"); build one per `fewstep.sample` call."""
         return CorrectedModel(model, process, prediction, self)
+
+
+def shifted_time(process: Process, log_snr: float, shift: torch.Tensor | float) -> torch.Tensor:
+    """The time whose log-SNR is log_snr + shift (float64; differentiable in a tensor `shift`)."""
+    device = shift.device if isinstance(shift, torch.Tensor) else None
+    return process.t_from_log_snr(torch.tensor(log_snr, dtype=torch.float64, device=device) + shift)
 
 
 class CorrectedModel:
@@ -141,8 +146,7 @@ class CorrectedModel:
         t_net = t
         if self._shifted[k]:  # from the fitted time itself, so that a pipeline told `network_times` sees the same value
             t_in = torch.as_tensor(t)
-            log_snr = torch.tensor(self._log_snr[k], dtype=torch.float64, device=shift.device)
-            t_net = self.process.t_from_log_snr(log_snr + shift).to(t_in.dtype).to(t_in.device).expand(t_in.shape)
+            t_net = shifted_time(self.process, self._log_snr[k], shift).to(t_in.dtype).to(t_in.device).expand(t_in.shape)
         x0, _ = to_x0_eps(self.model(x, t_net, **model_kwargs), self.prediction, x, c)
         self.history.append(x0)
         out = x0

@@ -370,5 +370,5 @@ def _calibrate(model, process, prediction, entry: TunedEntry, beds, iters: int) 
     fitted = fit_corrections(model, process, prediction, entry.sample_kwargs(), beds["calibrate"], beds["confirm"] or beds["sel"],
                              iters=iters, lr=CALIBRATE_LR)  # fmt: skip
     entry.corrections = {}
-    if fitted is not None and fitted.error < fitted.error_before:
+    if fitted is not None:  # fit_corrections keeps them only where they lower the selection error
         entry.corrections, entry.error = fitted.to_dict(), fitted.error
