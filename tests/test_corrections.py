@@ -57,6 +57,22 @@ def test_fitted_corrections_lower_the_error_on_held_out_noise(fitted):
     assert any(abs(v) > 1e-3 for v in fitted.shift) and any(abs(v) > 1e-3 for v in fitted.scale)
 
 
+def test_patience_stops_the_fit_after_checks_without_a_new_best():
+    """A learning rate too large for this run overshoots after a few iterations: with patience 2 the fit stops two
+    checks after its best one (and keeps that one); without patience it runs every iteration."""
+    model = MIXTURE.model(PROCESS, "eps")
+    beds = [(z, MIXTURE.flow_map(z, PROCESS)) for z in (noise(0, 64), noise(1, 64))]
+    runs = {}
+    for patience in (2, None):
+        checks: list[str] = []
+        out = fit_corrections(model, PROCESS, "eps", RUN, *beds, iters=30, lr=0.1, check_every=1, patience=patience,
+                              log=checks.append)  # fmt: skip
+        runs[patience] = (len(checks), out)
+    (stopped, kept), (full, _) = runs[2], runs[None]
+    assert full == 30 and stopped < 30
+    assert kept is not None and stopped == kept.iters + 2 and kept.error < kept.error_before
+
+
 def test_the_corrected_model_refuses_another_run(fitted):
     model, z = MIXTURE.model(PROCESS, "eps"), noise(4, 8)
     with pytest.raises(ValueError, match="fitted at t="):

@@ -51,6 +51,7 @@ def fit_corrections(
     lr: float = 0.01,
     memory: int = 2,
     check_every: int = 10,
+    patience: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Corrections | None:
     """Fit `Corrections` for the run `fewstep.sample(model, noise, process=..., prediction=..., **sample_kwargs)`.
@@ -58,6 +59,7 @@ def fit_corrections(
     calibration, selection: (noise [batch, ...], the model's reference from that noise [batch, ...]); Adam minimises
     the mean squared error on the calibration pair; every `check_every` iterations the selection RMS error is measured
     and the best state kept. Returns None where no state beats the uncorrected run on the selection pair.
+    patience: stop after this many selection checks in a row without a new best (None: run all `iters`).
     """
     check_prediction(prediction)
     iters = check_int(iters, "iters", minimum=1, maximum=100_000)
@@ -65,6 +67,7 @@ def fit_corrections(
     check_every = check_int(check_every, "check_every", minimum=1, maximum=100_000)
     lr = check_real(lr, "lr", positive=True)
     (cal, ref_cal), (sel, ref_sel) = calibration, selection
+    patience = iters if patience is None else check_int(patience, "patience", minimum=1, maximum=100_000)
     times = evaluation_times(model, cal, process, prediction, **sample_kwargs)
     start = zero_corrections(times, memory)
     params = {k: v.clone().requires_grad_(True) for k, v in start.wrap(model, process, prediction).params.items()}
@@ -80,6 +83,7 @@ def fit_corrections(
     before = best_error = selection_error()
     best: tuple[int, dict[str, torch.Tensor]] | None = None
     optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+    stale = 0
     for it in range(1, iters + 1):
         optimizer.zero_grad()
         loss = (run(cal, differentiable=True) - ref_cal).double().pow(2).mean()
@@ -90,9 +94,14 @@ def fit_corrections(
         if it % check_every == 0 or it == iters:
             error = selection_error()
             if log:
-                log(f"  corrections, iteration {it}: calibration RMS {float(loss.sqrt()):.4g}, selection RMS {error:.4g}")
+                rms = float(loss.detach().sqrt())
+                log(f"  corrections, iteration {it}: calibration RMS {rms:.4g}, selection RMS {error:.4g}")
             if error < best_error:
-                best_error, best = error, (it, {k: v.detach().clone() for k, v in params.items()})
+                best_error, best, stale = error, (it, {k: v.detach().clone() for k, v in params.items()}), 0
+            else:
+                stale += 1
+                if stale >= patience:
+                    break
     if best is None:
         return None
     it, values = best

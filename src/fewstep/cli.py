@@ -331,7 +331,7 @@ def tune_command(
     reference_steps: int = typer.Option(200, min=4, max=100_000, help="Steps of the many-step reference."),
     seed: int = SEED,
     calibrate_iters: int = typer.Option(
-        60,
+        30,
         min=0,
         max=100_000,
         help="Adam iterations of the chosen configuration's learned corrections (time shift, noise scaling, mixing; 0: none).",

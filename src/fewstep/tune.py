@@ -60,12 +60,23 @@ END_LOG_SNRS: tuple[float, ...] = (3.0, 2.0, 1.5)
 START_LOG_SNRS: tuple[float, ...] = (-6.9, -5.0, -4.0, -3.0)
 START_TOP = 4  # how many of the best configurations from t_max (on the calibration noise) are tried at each start
 # The chosen configuration's per-evaluation corrections (`fewstep.corrections`: time shift, noise scaling, mixing of
-# earlier data predictions) are fitted by this many Adam iterations on CONFIRM_SAMPLES samples of the calibration
-# seed, stopped early on the confirmation batch. On 64 samples they over-fit (digits_vp NFE 8: selection error
-# 0.0575 -> 0.0485 but report error 0.061 -> 0.073); on 256, digits_vp report error (seed 2) NFE 4 0.143 -> 0.113,
-# NFE 6 0.102 -> 0.074 (README, "On the learned models").
-CALIBRATE_ITERS = 60
-CALIBRATE_LR = 0.01
+# earlier data predictions) are fitted by Adam on CONFIRM_SAMPLES samples of the calibration seed (on 64 they over-fit:
+# digits_vp NFE 8, selection error 0.0575 -> 0.0485 but report error 0.061 -> 0.073), checked on the confirmation
+# batch every CALIBRATE_CHECK_EVERY iterations and stopped after CALIBRATE_PATIENCE checks without a new best. The
+# shipped tunings were fitted with 60 iterations at lr 0.01 (checks every 10, no patience); 30 at lr 0.02 take about
+# half the time at about the same held-out error (256 samples of seed 2, RMS, 60 / 30 iterations: digits_vp NFE 5
+# 0.092 / 0.094, NFE 8 0.045 / 0.045; digits_cosine_v NFE 6 0.040 / 0.038; but digits_flow NFE 10 0.019 / 0.027).
+CALIBRATE_ITERS = 30
+CALIBRATE_LR = 0.02
+CALIBRATE_CHECK_EVERY = 5
+CALIBRATE_PATIENCE = 3
+# Grids are searched (`optimize_schedule`: finite differences, 2 (steps - 1) + 1 runs per iteration, so its cost grows
+# as NFE squared) at budgets up to SEARCH_MAX_NFE: in the shipped tunings of the three digits models a searched grid
+# was chosen at 14 of the 21 budgets 3-9 and at none of the 3 at NFE 10.
+SEARCH_MAX_NFE = 9
+# Only the SELECT_TOP best configurations on the calibration noise (and every searched one) are scored on the
+# selection noise; the chosen configuration ranked 0-5 of ~90 on the calibration noise (digits_vp, NFE 5-10).
+SELECT_TOP = 24
 
 
 def end_times(process: Process, end_log_snrs: Sequence[float]) -> list[tuple[float | None, str]]:
@@ -170,6 +181,8 @@ def tune(
     start_top: int = START_TOP,
     search_top: int = 2,
     search_iters: int = 12,
+    search_max_nfe: int = SEARCH_MAX_NFE,
+    select_top: int = SELECT_TOP,
     confirm_samples: int = CONFIRM_SAMPLES,
     confirm_top: int = CONFIRM_TOP,
     calibrate_iters: int = CALIBRATE_ITERS,
@@ -212,6 +225,8 @@ def tune(
     start_top = check_int(start_top, "start_top", minimum=0, maximum=1000)
     search_top = check_int(search_top, "search_top", minimum=0, maximum=1000)  # at most all candidates are searched
     search_iters = check_int(search_iters, "search_iters", minimum=0, maximum=10_000)
+    search_max_nfe = check_int(search_max_nfe, "search_max_nfe", minimum=0, maximum=1000)
+    select_top = check_int(select_top, "select_top", minimum=1, maximum=100_000)
     confirm_samples = check_int(confirm_samples, "confirm_samples", minimum=2, maximum=100_000)
     confirm_top = check_int(confirm_top, "confirm_top", minimum=0, maximum=1000)
     calibrate_iters = check_int(calibrate_iters, "calibrate_iters", minimum=0, maximum=100_000)
@@ -238,7 +253,8 @@ def tune(
     tuning = Tuning(key, repr(process), prediction, reference=record, name=name)
     for nfe in budgets:
         grids = dict(candidates=candidates, ends=end_times(process, end_log_snrs), starts=start_times(process, start_log_snrs))
-        tops = dict(start_top=start_top, search_top=search_top, search_iters=search_iters, confirm_top=confirm_top)
+        tops = dict(start_top=start_top, search_top=search_top if nfe <= search_max_nfe else 0, search_iters=search_iters,
+                    select_top=select_top, confirm_top=confirm_top)  # fmt: skip
         tuning.entries[nfe] = _tune_one(model, process, prediction, nfe, beds, **grids, **tops)
         entry = tuning.entries[nfe]
         if calibrate_iters:
@@ -250,7 +266,20 @@ def tune(
 
 
 def _tune_one(
-    model, process, prediction, nfe, beds, *, candidates, ends, starts, start_top, search_top, search_iters, confirm_top
+    model,
+    process,
+    prediction,
+    nfe,
+    beds,
+    *,
+    candidates,
+    ends,
+    starts,
+    start_top,
+    search_top,
+    search_iters,
+    select_top,
+    confirm_top,
 ) -> TunedEntry:
     """The best configuration at one budget, chosen on the selection noise (see the module doc).
 
@@ -279,16 +308,18 @@ def _tune_one(
         searched = optimize_schedule(model, process, c["solver"], nfe, cal, prediction=prediction, init=c["schedule"],
                                      reference=ref_cal, iters=search_iters, t_end=c["t_end"], t_start=c["t_start"],
                                      denoise_to_zero=c["denoise"])  # fmt: skip
-        configs.append(dict(c, schedule=searched.times, label=f"searched from {c['label']!r}", cal=searched.error))
-    for c in configs:
+        configs.append(dict(c, schedule=searched.times, label=f"searched from {c['label']!r}", cal=searched.error,
+                            searched=True))  # fmt: skip
+    scored = ranked[:select_top] + [c for c in configs if c.get("searched")]
+    for c in scored:
         c["sel"] = _score(model, sel, ref_sel, process, prediction, c["solver"], c["steps"], c["schedule"], c["denoise"],
                           c["t_end"], t_start=c["t_start"])  # fmt: skip
-    best = min(configs, key=lambda c: c["sel"])
+    best = min(scored, key=lambda c: c["sel"], default=dict(sel=math.inf))
     if not math.isfinite(best["sel"]):
         raise TuningError(f"every configuration diverges at nfe={nfe} on this model (non-finite error)")
     final = beds["confirm"] or beds["sel"]
     if beds["confirm"]:
-        top = sorted((c for c in configs if math.isfinite(c["sel"])), key=lambda c: c["sel"])[:confirm_top]
+        top = sorted((c for c in scored if math.isfinite(c["sel"])), key=lambda c: c["sel"])[:confirm_top]
         for c in top:
             c["final"] = _score(model, *final, process, prediction, c["solver"], c["steps"], c["schedule"], c["denoise"],
                                 c["t_end"], t_start=c["t_start"])  # fmt: skip
@@ -310,7 +341,9 @@ def _tune_one(
         grid=best["label"],
         error=best["final"] if math.isfinite(best.get("final", math.inf)) else best["sel"],
         fallback_error=fallback_error,
-        candidates={f"{c['solver']} {c['label']}": c["sel"] for c in configs},
+        candidates={
+            f"{c['solver']} {c['label']}": c.get("sel", math.inf) for c in configs if "sel" in c or not math.isfinite(c["cal"])
+        },
         confirmed={f"{c['solver']} {c['label']}": c["final"] for c in configs if "final" in c},
     )
 
@@ -367,8 +400,10 @@ def correct(
 
 def _calibrate(model, process, prediction, entry: TunedEntry, beds, iters: int) -> None:
     """Fit the learned corrections of `entry`'s configuration (`fewstep.calibrate`); store them where they pay."""
-    fitted = fit_corrections(model, process, prediction, entry.sample_kwargs(), beds["calibrate"], beds["confirm"] or beds["sel"],
-                             iters=iters, lr=CALIBRATE_LR)  # fmt: skip
+    fitted = fit_corrections(
+        model, process, prediction, entry.sample_kwargs(), beds["calibrate"], beds["confirm"] or beds["sel"], iters=iters,
+        lr=CALIBRATE_LR, check_every=CALIBRATE_CHECK_EVERY, patience=CALIBRATE_PATIENCE,
+    )  # fmt: skip
     entry.corrections = {}
     if fitted is not None:  # fit_corrections keeps them only where they lower the selection error
         entry.corrections, entry.error = fitted.to_dict(), fitted.error

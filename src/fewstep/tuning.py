@@ -66,7 +66,8 @@ class TunedEntry:
     grid: str = ""  # where the grid came from, e.g. "quadratic" or "searched from 'logsnr'"
     error: float = math.nan  # RMS error against the many-step reference on the selection (confirmation) noise
     fallback_error: float = math.nan  # the same for `fewstep.recommended` (what solver="auto" does untuned)
-    candidates: dict[str, float] = field(default_factory=dict)  # every configuration tried -> selection error
+    # configuration -> selection error (inf: diverged or collapsed; those behind tune.SELECT_TOP are not listed)
+    candidates: dict[str, float] = field(default_factory=dict)
     confirmed: dict[str, float] = field(default_factory=dict)  # the best few -> error on the wider confirmation batch
     corrections: dict[str, Any] = field(default_factory=dict)  # `fewstep.corrections.Corrections.to_dict()`, or {}: none
 
