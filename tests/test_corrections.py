@@ -28,7 +28,7 @@ def noise(seed: int, n: int = 128) -> torch.Tensor:
 def fitted() -> Corrections:
     model = MIXTURE.model(PROCESS, "eps")
     beds = [(z, MIXTURE.flow_map(z, PROCESS)) for z in (noise(0), noise(1))]
-    out = fit_corrections(model, PROCESS, "eps", RUN, *beds, iters=40, lr=0.02)
+    out = fit_corrections(model, PROCESS, "eps", RUN, *beds, iters=40, lr=0.02, decay=True)  # as tune fits them
     assert out is not None
     return out
 

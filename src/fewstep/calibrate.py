@@ -52,6 +52,7 @@ def fit_corrections(
     memory: int = 2,
     check_every: int = 10,
     patience: int | None = None,
+    decay: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Corrections | None:
     """Fit `Corrections` for the run `fewstep.sample(model, noise, process=..., prediction=..., **sample_kwargs)`.
@@ -60,6 +61,7 @@ def fit_corrections(
     the mean squared error on the calibration pair; every `check_every` iterations the selection RMS error is measured
     and the best state kept. Returns None where no state beats the uncorrected run on the selection pair.
     patience: stop after this many selection checks in a row without a new best (None: run all `iters`).
+    decay: decay the learning rate to 0 over `iters` by a cosine (Loshchilov & Hutter, ICLR 2017).
     """
     check_prediction(prediction)
     iters = check_int(iters, "iters", minimum=1, maximum=100_000)
@@ -83,6 +85,7 @@ def fit_corrections(
     before = best_error = selection_error()
     best: tuple[int, dict[str, torch.Tensor]] | None = None
     optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iters) if decay else None
     stale = 0
     for it in range(1, iters + 1):
         optimizer.zero_grad()
@@ -91,6 +94,8 @@ def fit_corrections(
             break  # a step too far: keep the best state so far
         loss.backward()
         optimizer.step()
+        if schedule is not None:
+            schedule.step()
         if it % check_every == 0 or it == iters:
             error = selection_error()
             if log:

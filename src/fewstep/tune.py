@@ -60,16 +60,16 @@ END_LOG_SNRS: tuple[float, ...] = (3.0, 2.0, 1.5)
 START_LOG_SNRS: tuple[float, ...] = (-6.9, -5.0, -4.0, -3.0)
 START_TOP = 4  # how many of the best configurations from t_max (on the calibration noise) are tried at each start
 # The chosen configuration's per-evaluation corrections (`fewstep.corrections`: time shift, noise scaling, mixing of
-# earlier data predictions) are fitted by Adam on CONFIRM_SAMPLES samples of the calibration seed (on 64 they over-fit:
-# digits_vp NFE 8, selection error 0.0575 -> 0.0485 but report error 0.061 -> 0.073), checked on the confirmation
-# batch every CALIBRATE_CHECK_EVERY iterations and stopped after CALIBRATE_PATIENCE checks without a new best. The
-# shipped tunings were fitted with 60 iterations at lr 0.01 (checks every 10, no patience); 30 at lr 0.02 take about
-# half the time at about the same held-out error (256 samples of seed 2, RMS, 60 / 30 iterations: digits_vp NFE 5
-# 0.092 / 0.094, NFE 8 0.045 / 0.045; digits_cosine_v NFE 6 0.040 / 0.038; but digits_flow NFE 10 0.019 / 0.027).
+# earlier data predictions) are fitted by CALIBRATE_ITERS Adam iterations, lr CALIBRATE_LR decayed to 0 by a cosine, on
+# CONFIRM_SAMPLES samples of the calibration seed (on 64 they over-fit: digits_vp NFE 8, selection error 0.0575 ->
+# 0.0485 but report error 0.061 -> 0.073), checked on the confirmation batch every CALIBRATE_CHECK_EVERY iterations
+# (the best state kept). The shipped tunings were fitted with 60 iterations at a constant lr 0.01; 30 decayed from
+# 0.02 take half the time, held-out RMS (256 samples of seed 2) 60 / 30 iterations: digits_vp NFE 5 0.092 / 0.093,
+# NFE 8 0.045 / 0.051; digits_cosine_v NFE 6 0.040 / 0.045, NFE 10 0.019 / 0.019; digits_flow NFE 10 0.019 / 0.018.
+# A constant lr 0.02 stopped after 3 checks without a new best lost more (digits_cosine_v NFE 10: 0.031).
 CALIBRATE_ITERS = 30
 CALIBRATE_LR = 0.02
 CALIBRATE_CHECK_EVERY = 5
-CALIBRATE_PATIENCE = 3
 # Grids are searched (`optimize_schedule`: finite differences, 2 (steps - 1) + 1 runs per iteration, so its cost grows
 # as NFE squared) at budgets up to SEARCH_MAX_NFE: in the shipped tunings of the three digits models a searched grid
 # was chosen at 14 of the 21 budgets 3-9 and at none of the 3 at NFE 10.
@@ -265,6 +265,13 @@ def tune(
     return tuning
 
 
+def _fallback_error(model, bed: tuple[torch.Tensor, torch.Tensor], process, prediction, nfe: int) -> float:
+    """RMS error on bed = (noise, reference) of `fewstep.recommended(nfe, process)`, what solver="auto" runs untuned."""
+    fallback = recommended(nfe, process)
+    return _score(model, *bed, process, prediction, fallback["solver"], fallback["steps"], fallback["schedule"],
+                  fallback["denoise_to_zero"], fallback.get("t_end"), False, fallback.get("t_start"))  # fmt: skip
+
+
 def _tune_one(
     model,
     process,
@@ -325,9 +332,7 @@ def _tune_one(
                                 c["t_end"], t_start=c["t_start"])  # fmt: skip
         if any(math.isfinite(c["final"]) for c in top):
             best = min(top, key=lambda c: c["final"])
-    fallback = recommended(nfe, process)
-    fallback_error = _score(model, *final, process, prediction, fallback["solver"], fallback["steps"], fallback["schedule"],
-                            fallback["denoise_to_zero"], fallback.get("t_end"), False, fallback.get("t_start"))  # fmt: skip
+    fallback_error = _fallback_error(model, final, process, prediction, nfe)
     t_end = process.t_min if best["t_end"] is None else best["t_end"]
     t_start = process.t_max if best["t_start"] is None else best["t_start"]
     times = best["schedule"] if isinstance(best["schedule"], torch.Tensor) else Schedule(best["schedule"]).grid(
@@ -366,7 +371,8 @@ def correct(
 ) -> Tuning:
     """Fit the learned corrections of the entries of an existing `tuning` of `model` (at `nfes`, default all), keeping
     their solvers and grids: what `tune(..., calibrate_iters=iters)` adds to a fresh tuning, on `samples` samples of
-    `seed` (fitting) and of seed + 1 (early stopping and the stored error). Updates `tuning` in place and returns it."""
+    `seed` (fitting) and of seed + 1 (early stopping and the stored error; the entries' `fallback_error` is measured
+    there again, for the current `fewstep.recommended`). Updates `tuning` in place and returns it."""
     tuning.check(key_of(model), process, prediction)
     chosen = sorted(tuning.entries) if nfes is None else [check_int(n, "nfes", minimum=2, maximum=1000) for n in nfes]
     missing = [n for n in chosen if n not in tuning.entries]
@@ -388,6 +394,7 @@ def correct(
     for nfe in chosen:
         entry = tuning.entries[nfe]
         before = entry.error
+        entry.fallback_error = _fallback_error(model, beds["confirm"], process, prediction, nfe)  # the current rule's
         _calibrate(model, process, prediction, entry, beds, iters)
         done = (
             f"RMS {entry.corrections['error_before']:.3g} -> {entry.error:.3g}"
@@ -402,7 +409,7 @@ def _calibrate(model, process, prediction, entry: TunedEntry, beds, iters: int) 
     """Fit the learned corrections of `entry`'s configuration (`fewstep.calibrate`); store them where they pay."""
     fitted = fit_corrections(
         model, process, prediction, entry.sample_kwargs(), beds["calibrate"], beds["confirm"] or beds["sel"], iters=iters,
-        lr=CALIBRATE_LR, check_every=CALIBRATE_CHECK_EVERY, patience=CALIBRATE_PATIENCE,
+        lr=CALIBRATE_LR, check_every=CALIBRATE_CHECK_EVERY, decay=True,
     )  # fmt: skip
     entry.corrections = {}
     if fitted is not None:  # fit_corrections keeps them only where they lower the selection error
