@@ -75,7 +75,7 @@ CALIBRATE_CHECK_EVERY = 5
 # was chosen at 14 of the 21 budgets 3-9 and at none of the 3 at NFE 10.
 SEARCH_MAX_NFE = 9
 # Only the SELECT_TOP best configurations on the calibration noise (and every searched one) are scored on the
-# selection noise; the chosen configuration ranked 0-5 of ~90 on the calibration noise (digits_vp, NFE 5-10).
+# selection noise; the chosen configuration ranked 0-9 of 64-96 there (three digits models, NFE 5-10).
 SELECT_TOP = 24
 
 
