@@ -309,3 +309,17 @@ def test_cli_correct_only_fits_corrections_of_the_attached_tuning(tmp_path):
     assert corrected.solver == "ddim" and corrected.times == times
     fitted = corrected.fitted_corrections()
     assert fitted is None or (fitted.nfe == 4 and fitted.error < fitted.error_before)  # kept only where it pays
+
+
+def test_search_stops_above_search_max_nfe_and_selection_scores_the_best_few():
+    """Grids are searched only at budgets <= search_max_nfe; only the select_top best configurations on the
+    calibration noise (plus the searched ones) are scored on the selection noise and listed."""
+    settings = dict(FAST, end_log_snrs=(), select_top=3)
+    low = tune(KeyedModel(), PROCESS, "eps", [4], search_max_nfe=4, **settings).entry(4)
+    high = tune(KeyedModel(), PROCESS, "eps", [4], search_max_nfe=3, **settings).entry(4)
+    assert any(label.split(" ", 1)[1].startswith("searched") for label in low.candidates)
+    assert not any(label.split(" ", 1)[1].startswith("searched") for label in high.candidates)
+    finite = lambda entry: [v for v in entry.candidates.values() if math.isfinite(v)]  # noqa: E731
+    assert len(finite(high)) == 3 and len(finite(low)) == 3 + 1  # 5 candidates, 2 of them collapsed here (inf)
+    unlisted = tune(KeyedModel(), PROCESS, "eps", [4], search_max_nfe=3, **dict(settings, select_top=1)).entry(4)
+    assert len(finite(unlisted)) == 1 and unlisted.grid == min(unlisted.candidates, key=unlisted.candidates.get).split(" ", 1)[1]
