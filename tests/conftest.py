@@ -49,3 +49,24 @@ def assert_exact_resume(make, steps: int = 4) -> tuple:
 settings.register_profile("ci", max_examples=300, derandomize=True, database=None, deadline=None, print_blob=True)
 settings.register_profile("long", max_examples=3000, deadline=None)
 settings.load_profile("ci")
+
+
+TINY_UNET = {"type": "unet", "in_channels": 1, "channels": [8], "mid_attention": False, "emb_features": 16}
+
+
+def digits_pair(tmp_path) -> tuple:
+    """A tiny random digits-shaped flow teacher and a 'student' storing times for 1 and 2 steps (90 s of training),
+    saved under tmp_path as teacher.json / student.json; returns both loaded checkpoints."""
+    from fewstep.distill.student import student_record
+    from fewstep.nets import build_model
+    from fewstep.train import load_checkpoint, save_checkpoint
+
+    process = fewstep.RectifiedFlow()
+    config = {"model": {"net": TINY_UNET, "prediction": "velocity"}, "process": {"type": "rectified_flow"},
+              "train": {"data": "digits"}}  # fmt: skip
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "teacher", model=build_model(config["model"], process), config=config)
+    config["train"]["distill"] = {"method": "ect", "teacher": "digits_flow"}  # continuous schedule: any time
+    extra = {**student_record({1: [1.0, 0.0], 2: [1.0, 0.4, 0.0]}, 0.0), "train_seconds": 90.0}
+    save_checkpoint(tmp_path / "student", model=build_model(config["model"], process), config=config, extra=extra)
+    return load_checkpoint(tmp_path / "teacher.json"), load_checkpoint(tmp_path / "student.json")

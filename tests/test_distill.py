@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import digits_pair
 from torch import nn
 
 import fewstep
@@ -564,29 +565,12 @@ def test_cli_distill_runs_resumes_and_rejects_bad_input(tmp_path):
 
 # fewstep bench distill ------------------------------------------------------------------------------------------------
 
-TINY_UNET = {"type": "unet", "in_channels": 1, "channels": [8], "mid_attention": False, "emb_features": 16}
-
-
-def _digits_pair(tmp_path) -> tuple:
-    """A tiny random digits-shaped flow teacher and a 'student' storing times for 1 and 2 steps (90 s of training)."""
-    from fewstep.distill.student import student_record
-    from fewstep.train import save_checkpoint
-
-    process = fewstep.RectifiedFlow()
-    config = {"model": {"net": TINY_UNET, "prediction": "velocity"}, "process": {"type": "rectified_flow"},
-              "train": {"data": "digits"}}  # fmt: skip
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "teacher", model=build_model(config["model"], process), config=config)
-    config["train"]["distill"] = {"method": "ect", "teacher": "digits_flow"}  # continuous schedule: any time
-    extra = {**student_record({1: [1.0, 0.0], 2: [1.0, 0.4, 0.0]}, 0.0), "train_seconds": 90.0}
-    save_checkpoint(tmp_path / "student", model=build_model(config["model"], process), config=config, extra=extra)
-    return load_checkpoint(tmp_path / "teacher.json"), load_checkpoint(tmp_path / "student.json")
 
 
 def test_bench_distill_scores_students_beside_the_teacher(tmp_path):
     from fewstep.distill.bench import REFERENCE_SOLVERS, bench_distill, markdown
 
-    teacher, student = _digits_pair(tmp_path)
+    teacher, student = digits_pair(tmp_path)
     noise = torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     fd = lambda x: float(x.double().pow(2).mean())  # noqa: E731 - any samples -> number works as the score
     bench = bench_distill([("mine", student)], ("tiny", teacher), noise, fd, steps=(4, 1, 2), reference_nfe=6)
@@ -626,7 +610,7 @@ def test_cli_bench_distill_writes_the_table_and_rejects_bad_students(tmp_path):
 
     from fewstep.cli import app
 
-    _digits_pair(tmp_path)
+    digits_pair(tmp_path)
     runner = CliRunner()
     base = ["bench", "distill", "--teacher", str(tmp_path / "teacher.json"), "--steps", "1,2", "--n", "40",
             "--repeats", "2", "--reference-nfe", "4", "--out", str(tmp_path / "out")]  # fmt: skip
@@ -692,7 +676,7 @@ def test_tuned_times_are_stored_and_exported_with_the_student(tmp_path):
     from fewstep import shipped
     from fewstep.distill.times import tune_student_times, write_times
 
-    _, student = _digits_pair(tmp_path)
+    _, student = digits_pair(tmp_path)
     noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     fd = lambda x: float((x.double().mean() - 0.05) ** 2)  # noqa: E731
     results = tune_student_times(student, [2], noise, fd, points=3, sweeps=1)

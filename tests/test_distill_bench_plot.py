@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
+from conftest import digits_pair
 
-import fewstep
 from fewstep.distill.bench import (
     TEACHER_SERIES,
     DistillBench,
@@ -21,11 +21,8 @@ from fewstep.distill.bench import (
     plot_fd_vs_nfe,
     training_free,
 )
-from fewstep.nets import build_model
-from fewstep.train import load_checkpoint, save_checkpoint
 
 PNG = b"\x89PNG\r\n\x1a\n"
-TINY_UNET = {"type": "unet", "in_channels": 1, "channels": [8], "mid_attention": False, "emb_features": 16}
 
 
 def _synthetic() -> DistillBench:
@@ -54,22 +51,8 @@ def test_the_series_are_the_bench_numbers_and_the_figure_is_written(tmp_path):
     assert text in markdown(bench)
 
 
-def _tiny(tmp_path):
-    from fewstep.distill.student import student_record
-
-    process = fewstep.RectifiedFlow()
-    config = {"model": {"net": TINY_UNET, "prediction": "velocity"}, "process": {"type": "rectified_flow"},
-              "train": {"data": "digits"}}  # fmt: skip
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "teacher", model=build_model(config["model"], process), config=config)
-    config["train"]["distill"] = {"method": "ect", "teacher": "digits_flow"}
-    extra = {**student_record({1: [1.0, 0.0], 2: [1.0, 0.4, 0.0]}, 0.0), "train_seconds": 60.0}
-    save_checkpoint(tmp_path / "student", model=build_model(config["model"], process), config=config, extra=extra)
-    return load_checkpoint(tmp_path / "teacher.json"), load_checkpoint(tmp_path / "student.json")
-
-
 def test_the_curve_adds_training_free_points_on_the_first_noise_sets(tmp_path):
-    teacher, student = _tiny(tmp_path)
+    teacher, student = digits_pair(tmp_path)
     noise = torch.randn(30, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     fd = lambda x: float(x.double().pow(2).mean())  # noqa: E731 - any samples -> number works as the score
     bench = bench_distill([("mine", student)], ("tiny", teacher), noise, fd, steps=(1, 2), reference_nfe=4, parts=3,
@@ -91,7 +74,7 @@ def test_the_command_writes_and_lists_the_figure(tmp_path):
 
     from fewstep.cli import app
 
-    _tiny(tmp_path)
+    digits_pair(tmp_path)
     out = tmp_path / "out"
     args = ["bench", "distill", "--teacher", str(tmp_path / "teacher.json"), "--students",
             f"mine={tmp_path / 'student.json'}", "--steps", "1,2", "--n", "40", "--repeats", "2", "--reference-nfe", "4",
