@@ -13,7 +13,7 @@ import fewstep
 from fewstep.accuracy import rms_error
 from fewstep.nets import build_model
 from fewstep.train import load_checkpoint, save_checkpoint
-from fewstep.tune import tune
+from fewstep.tune import searched_count, tune
 from fewstep.tuning import Tuning, TuningError, choose, model_digest, tuning_path
 
 PROCESS = fewstep.DiscreteVP.linear()
@@ -323,3 +323,13 @@ def test_search_stops_above_search_max_nfe_and_selection_scores_the_best_few():
     assert len(finite(high)) == 3 and len(finite(low)) == 3 + 1  # 5 candidates, 2 of them collapsed here (inf)
     unlisted = tune(KeyedModel(), PROCESS, "eps", [4], search_max_nfe=3, **dict(settings, select_top=1)).entry(4)
     assert len(finite(unlisted)) == 1 and unlisted.grid == min(unlisted.candidates, key=unlisted.candidates.get).split(" ", 1)[1]
+
+
+def test_search_cost_is_held_to_that_of_search_top_searches_at_search_full_nfe():
+    assert [searched_count(2, nfe) for nfe in range(2, 11)] == [2, 2, 2, 2, 2, 1, 1, 1, 1]
+    assert searched_count(0, 5) == 0 and searched_count(5, 8) == 2 and searched_count(4, 12) == 1
+    # 2 searched at NFE 4, 1 at NFE 7 (same settings otherwise): the listing names each searched grid once
+    settings = dict(FAST, end_log_snrs=(), search_top=2)
+    for nfe, count in ((4, 2), (7, 1)):
+        entry = tune(KeyedModel(), PROCESS, "eps", [nfe], **settings).entry(nfe)
+        assert sum(label.split(" ", 1)[1].startswith("searched") for label in entry.candidates) == count

@@ -75,9 +75,19 @@ CALIBRATE_CHECK_EVERY = 5
 # as NFE squared) at budgets up to SEARCH_MAX_NFE: in the shipped tunings of the three digits models a searched grid
 # was chosen at 14 of the 21 budgets 3-9 and at none of the 3 at NFE 10.
 SEARCH_MAX_NFE = 9
+# The search's cost is held to that of `search_top` searches at SEARCH_FULL_NFE: above it fewer configurations are
+# searched (at least one), search_top * SEARCH_FULL_NFE**2 // nfe**2 of them, so 1 of the default 2 at NFE 7-9. In the
+# shipped tunings the second-ranked searched grid won at NFE 7-9 on digits_vp NFE 8 (0.4 % below the best fixed
+# configuration) and digits_cosine_v NFE 8 (2.5 %), the first-ranked one at digits_vp NFE 7 (15 %) and 9 (2 %).
+SEARCH_FULL_NFE = 6
 # Only the SELECT_TOP best configurations on the calibration noise (and every searched one) are scored on the
 # selection noise; the chosen configuration ranked 0-9 of 64-96 there (three digits models, NFE 5-10).
 SELECT_TOP = 24
+
+
+def searched_count(search_top: int, nfe: int) -> int:
+    """How many of the best configurations get their grid searched at `nfe` (see SEARCH_FULL_NFE)."""
+    return min(search_top, max(1, search_top * SEARCH_FULL_NFE**2 // nfe**2))
 
 
 def end_times(process: Process, end_log_snrs: Sequence[float]) -> list[tuple[float | None, str]]:
@@ -198,7 +208,8 @@ def tune(
 
     shape: one sample's shape (e.g. (1, 8, 8)); samples: calibration and selection batch sizes; seed: calibration
     noise seed (selection uses seed + 1; report on another seed). search_top: how many of the best fixed
-    configurations get their grid searched, with `search_iters` iterations each (0: no search).
+    configurations get their grid searched at NFE <= SEARCH_FULL_NFE (fewer above it, `searched_count`), with
+        `search_iters` iterations each (0: no search).
     end_log_snrs: where else than at the process's t_min a grid may end before its final denoising step (log-SNR
         values; () for t_min only); each candidate is scored at each end.
     start_log_snrs, start_top: where a process whose log-SNR is -inf at t_max may also start (log-SNR values; () for
@@ -254,8 +265,9 @@ def tune(
     tuning = Tuning(key, repr(process), prediction, reference=record, name=name)
     for nfe in budgets:
         grids = dict(candidates=candidates, ends=end_times(process, end_log_snrs), starts=start_times(process, start_log_snrs))
-        tops = dict(start_top=start_top, search_top=search_top if nfe <= search_max_nfe else 0, search_iters=search_iters,
-                    select_top=select_top, confirm_top=confirm_top)  # fmt: skip
+        searched = searched_count(search_top, nfe) if nfe <= search_max_nfe else 0
+        tops = dict(start_top=start_top, search_top=searched, search_iters=search_iters, select_top=select_top,
+                    confirm_top=confirm_top)  # fmt: skip
         tuning.entries[nfe] = _tune_one(model, process, prediction, nfe, beds, **grids, **tops)
         entry = tuning.entries[nfe]
         if calibrate_iters:
