@@ -34,6 +34,7 @@ from fewstep.train import (
     save_checkpoint,
 )
 from fewstep.train import checkpoint as checkpoint_module
+from fewstep.train.config import ConfigError
 
 TINY_MLP = {"type": "mlp", "dim": 2, "width": 32, "depth": 1}
 
@@ -249,6 +250,19 @@ def test_resume_continues_exactly(tmp_path, immiscible):
     torch.testing.assert_close(_params(resumed.ema.module), _params(straight.ema.module), rtol=0, atol=1e-6)
     np.testing.assert_allclose(resumed.loss_history, straight.loss_history, rtol=0, atol=1e-6)
     assert not torch.allclose(_params(resumed.model), _params(first.model))  # the lost steps were different
+
+
+def test_lr_warmup_and_cosine_decay(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, steps=20, lr=0.01, lr_warmup=4, lr_decay="cosine"))
+    rates = []
+    for _ in range(20):
+        trainer.train_step()
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+    expected = [0.01 * min(1, (k + 1) / 4) * 0.5 * (1 + math.cos(math.pi * k / 20)) for k in range(20)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-12)
+    assert rates[10] == pytest.approx(0.005) and rates[-1] < 1e-4
+    with pytest.raises(ConfigError, match="lr_decay='linear' is not known; allowed values: none, cosine"):
+        tiny_config(tmp_path, lr_decay="linear")
 
 
 def _saved(tmp_path: Path, steps: int = 1) -> Trainer:

@@ -136,9 +136,10 @@ def train_student(
     if method == "pd":  # rounds of start_steps, start_steps / 2, ..., 1 steps share the run
         options["steps_per_round"] = max(1, steps // (round(math.log2(options["start_steps"])) + 1))
     net = {**STUDENT_NET, "dim": data.shape[1]}
+    trainer_settings = {k: v for k, v in settings.items() if k != "distill"}  # ema_decay, lr_decay, ...
     cfg = distill_config(method, teacher, distill=options, net=net, data="ring", steps=steps, batch_size=batch_size,
-                         lr=lr, ema_decay=settings["ema_decay"], seed=seed, checkpoint_every=0, progress=False,
-                         out_dir=str(out_dir))  # fmt: skip
+                         lr=lr, seed=seed, checkpoint_every=0, progress=False, out_dir=str(out_dir),
+                         **trainer_settings)  # fmt: skip
     start = time.perf_counter()
     Trainer(cfg, data=data, teacher=None if method in ("ct", "ect") else teacher).train()
     seconds = time.perf_counter() - start

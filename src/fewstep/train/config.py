@@ -38,6 +38,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 MAX_SEED = 2**32 - 1
 TRAINABLE_PREDICTIONS = ("eps", "x0", "v", "velocity")
 DEVICES = ("cpu", "cuda")
+LR_DECAYS = ("none", "cosine")
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     lr_warmup: int = 0
+    lr_decay: str = "none"  # "none" | "cosine": lr * (1 + cos(pi * step / steps)) / 2 after the warm-up
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 disables clipping
     ema_decay: float = 0.999
@@ -118,6 +120,7 @@ class TrainConfig:
         preconds = tuple(p for p in PRECONDITIONINGS if p != "consistency")  # a consistency student is made by distill
         choices = {"data": DATASETS, "prediction": TRAINABLE_PREDICTIONS, "precond": preconds, "weighting": WEIGHTINGS,
                    "time_sampling": TIME_SAMPLINGS, "immiscible": IMMISCIBLE, "ema_warmup": EMA_WARMUPS, "device": DEVICES,
+                   "lr_decay": LR_DECAYS,
                    "sample_solver": tuple(solver_specs())}  # fmt: skip
         for key, allowed in choices.items():
             value = getattr(self, key)

@@ -110,8 +110,12 @@ class Trainer:
         return x0, eps, draws
 
     def _lr(self) -> float:
-        warm = self.config.lr_warmup
-        return self.config.lr * (min(1.0, (self.step + 1) / warm) if warm > 0 else 1.0)
+        """The learning rate of the step about to be taken: linear warm-up, then constant or cosine-decayed to 0 at
+        `steps` (Loshchilov & Hutter, 2017, without restarts)."""
+        c, step = self.config, self.step + 1
+        warm = min(1.0, step / c.lr_warmup) if c.lr_warmup > 0 else 1.0
+        decay = 0.5 * (1 + math.cos(math.pi * min(1.0, self.step / c.steps))) if c.lr_decay == "cosine" else 1.0
+        return c.lr * warm * decay
 
     def train_step(self) -> float:
         """One optimisation step on the global batch; returns its mean loss (averaged over processes).
