@@ -126,6 +126,29 @@ def test_fk_target_lam_decouples_the_steering_from_the_target():
     assert abs(pooled - log_normalizer(RING, W, LAM)) < 0.1
 
 
+def test_fk_gradient_proposal_is_reweighed_to_the_exact_tilt():
+    # guidance LAM pushes each particle toward the tilt; the TDS ratio p/q in the weights keeps the target p exp(LAM r)
+    tilted = tilted_mixture(RING, W, LAM)
+    reference = tilted.sample(2000, torch.Generator().manual_seed(1))
+    guided = {k: _steer(k, solver="ddpm", guidance=LAM) for k in (1, 16)}
+    uncorrected = _steer(16, solver="ddpm", guidance=LAM, correct_proposal=False)
+    ed = {k: energy_distance(x, reference) for k, x in guided.items()}
+    assert ed[16] < 0.01 and ed[16] < ed[1] / 4
+    assert energy_distance(uncorrected, reference) > 0.05  # the proposal tilts once more: p exp(2 LAM r) roughly
+    assert energy_distance(_steer(16, solver="ddpm"), reference) > ed[16]  # the proposal helps at equal particles
+    assert guided[16].reward_calls == 20 + 19  # 19 guided evaluations (not the last, deterministic step) + potentials
+
+
+def test_fk_proposal_correction_needs_gaussian_steps():
+    with pytest.raises(ValueError, match="solver must be one of ddpm, ddim_eta, euler_ancestral"):
+        _steer(4, groups=2, solver="sde_dpmpp_2m", guidance=1.0)
+    with pytest.raises(ValueError, match="needs a Gaussian step with noise"):
+        fewstep.sample(RING.model(VP), _noise(8), process=VP, solver="ddim_eta", steps=5, eta=0.0,
+                       steering=FK(linear(W), particles=4, guidance=1.0))  # fmt: skip
+    with pytest.raises(ValueError, match="guidance"):
+        FK(linear(W), guidance=-1.0)
+
+
 def test_fk_best_selection_and_multinomial_resampling():
     x = _steer(8, groups=32, select="best", resample="multinomial", ess_threshold=1.0)
     assert torch.equal(x.rewards, x.all_rewards.view(32, 8).max(dim=1).values)

@@ -36,8 +36,15 @@ def eta_coefficients(run: Run, i: int, eta: float) -> tuple[float, float]:
 def ancestral_step(
     run: Run, i: int, x: torch.Tensor, pred: Prediction, eps_coef: float, noise_std: float, part: int = 0, parts: int = 1
 ) -> torch.Tensor:
-    """alpha_{i+1} x0 + eps_coef eps + noise_std z with z = run.noise_like(x, i, part, parts) (no draw when 0)."""
+    """alpha_{i+1} x0 + eps_coef eps + noise_std z with z = run.noise_like(x, i, part, parts) (no draw when 0).
+
+    A whole step (parts = 1) from sigma_i > 0 is recorded in `run.transition`: with eps = (x - alpha_i x0) / sigma_i
+    the mean moves by x0_coef = alpha_{i+1} - eps_coef alpha_i / sigma_i per unit of x0."""
     x_next = run.alpha[i + 1] * pred.x0 + eps_coef * pred.eps
-    if noise_std > 0:
-        x_next = x_next + noise_std * run.noise_like(x, i, part, parts)
+    noise = noise_std * run.noise_like(x, i, part, parts) if noise_std > 0 else None
+    if noise is not None:
+        x_next = x_next + noise
+    if parts == 1 and run.sigma[i] > 0:
+        x0_coef = run.alpha[i + 1] - eps_coef * run.alpha[i] / run.sigma[i]
+        run.transition = {"x0_coef": x0_coef, "std": noise_std, "noise": noise}
     return x_next

@@ -135,6 +135,9 @@ class Run:
         self.generator = generator
         self.callback = callback
         self.progress = progress
+        # The Gaussian transition of the step in progress, where the solver's step is one (`_ancestral`): x_next =
+        # mean + noise with d mean / d x0 = x0_coef (x held) and noise = std * z; reported to the callback.
+        self.transition: dict[str, Any] | None = None
         denoiser.step = 0  # evaluations before a solver's loop (a multistep start) belong to step 0
 
     def denoise(self, x: torch.Tensor, i: int) -> Prediction:
@@ -164,6 +167,7 @@ class Run:
     def begin_step(self, i: int) -> None:
         """Mark step i as in progress (for error messages); `range` does this, solvers with their own loop call it."""
         self.denoiser.step = i
+        self.transition = None
 
     def report(self, i: int, x: torch.Tensor, prediction: Prediction | None, *state: Any) -> Any:
         """Call the user's callback after step i (x is now at time t[i + 1]); returns x, or (x, *state).
@@ -172,7 +176,9 @@ class Run:
         continues from x[index], and every per-sample tensor of the solver's carried `state` (its multistep history:
         tensors [batch, ...], or lists / tuples / dicts of them) is reindexed alike, so that a particle keeps its own
         history. Solvers write `x = run.report(i, x, pred)` or `x, history = run.report(i, x, pred, history)`.
-        Any other return value of the callback is ignored.
+        Any other return value of the callback is ignored. The callback's dict holds step, t (= t[i + 1]), x, x0 (the
+        step's data prediction), nfe and transition (None, or for an ancestral step x_next = mean + noise: x0_coef =
+        d mean / d x0 at fixed x, std and the drawn noise, so that steering can reweigh a changed data prediction).
 
         The state's finiteness needs no flag here: x is the input of the next evaluation, whose flag the Denoiser
         records, and `sample` flags the final output (one reduction per evaluation saved).
@@ -186,6 +192,7 @@ class Run:
                 "x": x,
                 "x0": None if prediction is None else prediction.x0,
                 "nfe": self.denoiser.nfe,
+                "transition": self.transition,
             }
         )
         if isinstance(index, torch.Tensor):

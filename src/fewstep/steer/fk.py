@@ -10,6 +10,14 @@ the output x makes the product of all potentials exp(lam r(x)) for every choice 
 particles target p(x) exp(lam r(x)) / Z, and the mean weights give an estimate of log Z = log E_p[exp(lam r(x))].
 Weights live in log space; resampling permutes the solver's whole state (x and multistep history: `Run.report`).
 
+Gradient proposal (`guidance` > 0): the particles move by the reward-gradient guided model (`RewardGuided`), and on
+an ancestral solver (ddpm, ddim_eta, euler_ancestral: Gaussian steps) each step's weight also gets the ratio of the
+model's transition to the guided one, log p(x' | x) - log q(x' | x), as in the twisted diffusion sampler (Wu,
+Trippe, Naesseth, Blei & Cunningham, "Practical and Asymptotically Exact Conditional Sampling in Diffusion Models",
+NeurIPS 2023). The weighted particles then still target p(x) exp(target_lam r(x)) / Z, and log Z stays consistent;
+without the ratio (`correct_proposal=False`, or a guided model passed as `model`) they target whatever the guided
+sampler draws, tilted. The final step (to the data) is not guided: its transition is deterministic.
+
 Particles: noise [B * K, ...] holds B groups of K consecutive particles; the result is [B, ...], one particle per
 group ("sample": drawn by the final weights, "best": the highest final reward).
 """
@@ -26,11 +34,13 @@ from ..checks import check_int, check_real
 from ..parameterization import Model
 from ..sampling import sample
 from ..solvers import get_solver, reindex
+from .gradient import RewardGuided
 from .resampling import SCHEMES, ancestors, ess, log_mean_weight, normalized
 from .rewards import Reward, check_reward_fn, evaluate_reward
 
 POTENTIALS = ("diff", "max", "add")
 SELECT = ("sample", "best")
+ANCESTRAL = ("ddpm", "ddim_eta", "euler_ancestral")  # solvers whose every step is Gaussian (`solvers._ancestral`)
 
 
 @dataclass(frozen=True)
@@ -45,7 +55,9 @@ class FK:
     so that rewards of blurry early data predictions weigh little (the final potential keeps the target exact);
     target_lam: the tilt of the target, p(x) exp(target_lam * reward(x)) (default lam): the intermediate potentials
     (strength lam) only steer the particles, the final potential corrects to the target (target_lam = 1 with a
-    classifier's log-probability: the class-conditional distribution p(x | k)).
+    classifier's log-probability: the class-conditional distribution p(x | k)); guidance: the scale of the
+    reward-gradient proposal (0: none; see the module doc); correct_proposal: reweigh by the model's transition over
+    the guided one (needs an ancestral solver: ddpm, ddim_eta, euler_ancestral).
     """
 
     reward: Reward
@@ -59,6 +71,8 @@ class FK:
     seed: int | None = None
     anneal: bool = False
     target_lam: float | None = None
+    guidance: float = 0.0
+    correct_proposal: bool = True
 
     def __post_init__(self) -> None:
         check_reward_fn(self.reward)
@@ -76,8 +90,10 @@ class FK:
             check_int(self.seed, "seed", minimum=0)
         if self.target_lam is not None:
             check_real(self.target_lam, "target_lam", positive=True)
-        if not isinstance(self.anneal, bool):
-            raise ValueError(f"anneal must be True or False, got anneal={self.anneal!r}")
+        check_real(self.guidance, "guidance", nonnegative=True)
+        for name in ("anneal", "correct_proposal"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {name}={getattr(self, name)!r}")
 
     def steer(self, model: Model, noise: torch.Tensor, **sample_kwargs: Any) -> torch.Tensor:
         """`steered_sample(model, noise, self, **sample_kwargs)` (what `fewstep.sample(..., steering=self)` calls)."""
@@ -134,6 +150,20 @@ class _Particles:
         self.last, self.path_log_g = self.last[index], self.path_log_g[index]
         return index
 
+    def reweigh_proposal(self, transition: dict[str, Any] | None, x0_shift: torch.Tensor) -> None:
+        """Add log p(x' | x) - log q(x' | x) of a Gaussian step whose guided data prediction was moved by x0_shift:
+        the means differ by d = x0_coef * x0_shift, so with x' - mean_q = noise = std * z the ratio is
+        -(z . d) / std - |d|^2 / (2 std^2) per particle."""
+        if transition is None or transition["noise"] is None:
+            raise ValueError(
+                "FK guidance with correct_proposal=True needs a Gaussian step with noise at every guided step "
+                "(solver ddpm, ddim_eta with eta > 0, or euler_ancestral); use correct_proposal=False otherwise"
+            )
+        std, d = transition["std"], (transition["x0_coef"] * x0_shift).to(torch.float64)
+        z = transition["noise"].to(torch.float64) / std
+        log_ratio = -(z * d).flatten(1).sum(1) / std - (d * d).flatten(1).sum(1) / (2 * std * std)
+        self.log_w += log_ratio.to(self.log_w.device).view(self.groups, self.k)
+
     def finish(self, r: torch.Tensor) -> None:
         """The final potential exp(lam r(x)) / prod G on the outputs' rewards r [B * K]; closes the log Z estimate."""
         lam = self.fk.lam if self.fk.target_lam is None else self.fk.target_lam
@@ -172,11 +202,26 @@ def steered_sample(model: Model, noise: torch.Tensor, steering: FK, **sample_kwa
     state = _Particles(steering, groups)
     user_callback = sample_kwargs.pop("callback", None)
     steps, process = sample_kwargs.get("steps", 10), sample_kwargs.get("process")
+    guided = None
+    if steering.guidance > 0:
+        if steering.correct_proposal and solver not in ANCESTRAL:
+            raise ValueError(
+                f"FK guidance with correct_proposal=True reweighs Gaussian steps: solver must be one of "
+                f"{', '.join(ANCESTRAL)}, got solver={solver!r} (or set correct_proposal=False)"
+            )
+        guided = RewardGuided(model, steering.reward, steering.guidance, process=process,
+                              prediction=sample_kwargs.get("prediction", "eps"))  # fmt: skip
+        model = guided
 
     def hook(info: dict[str, Any]) -> torch.Tensor | None:
         if user_callback is not None:
             user_callback(info)
         i = info["step"]
+        if guided is not None:
+            if steering.correct_proposal and guided.last_x0_shift is not None:
+                state.reweigh_proposal(info["transition"], guided.last_x0_shift)
+            if i == steps - 2:  # the last step lands on the data deterministically: no proposal ratio there
+                guided.scale = 0.0
         if info["x0"] is None or i == steps - 1 or (i + 1) % steering.every:
             return None  # the last step's potential is the final one, on the output
         scale = _signal_fraction(process, info["t"]) if steering.anneal else 1.0
@@ -186,7 +231,7 @@ def steered_sample(model: Model, noise: torch.Tensor, steering: FK, **sample_kwa
 
     x = sample(model, noise, callback=hook, **sample_kwargs)
     r = evaluate_reward(steering.reward, x)
-    state.reward_calls += 1
+    state.reward_calls += 1 + (guided.reward_calls if guided is not None else 0)
     state.finish(r)
     return _select(x, r, state)
 

@@ -32,12 +32,16 @@ class RewardGuided:
             raise TypeError(f"process must be a fewstep Process, got {type(process).__name__}")
         self.process, self.prediction = process, check_prediction(prediction)
         self.reward_calls = 0
+        self.last_x0_shift: torch.Tensor | None = None  # x0 guided - x0 of the model, of the latest call
 
     @property
     def nfe_per_call(self) -> int:
         return getattr(self.model, "nfe_per_call", 1)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.scale == 0:  # guidance switched off (FK's final step): the model itself, no reward call
+            self.last_x0_shift = None
+            return self.model(x, t)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             out = self.model(xg, t)
@@ -50,5 +54,6 @@ class RewardGuided:
         self.reward_calls += 1
         grad = grad.to(x.dtype)
         eps = eps.detach() - self.scale * c.sigma * grad
-        x0 = x0.detach() + self.scale * c.sigma**2 / c.alpha * grad
+        self.last_x0_shift = self.scale * c.sigma**2 / c.alpha * grad
+        x0 = x0.detach() + self.last_x0_shift
         return from_x0_eps(x0, eps, self.prediction, c).detach().to(x.dtype)
