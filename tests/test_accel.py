@@ -255,6 +255,23 @@ def test_quantization_calibrated_across_timesteps_beats_one_timestep():
     assert errors[8, 8, "all"] < errors[4, 8, "all"]
 
 
+def test_time_grouped_activation_ranges():
+    """One activation range per group of timesteps (TDQ) fits the moving ranges better than one for all; each call
+    picks its group by t, and groups split the distinct calibration times into contiguous runs."""
+    model, _, states = _quant_setup()
+    one, grouped = accel.quantize(model, states, 8, 8), accel.quantize(model, states, 8, 8, time_groups=9)
+    assert _relative_error(model, grouped, states) < 0.85 * _relative_error(model, one, states)
+    times = sorted({float(t[0]) for _, t in states})
+    three = accel.quantize(model, states, 8, 8, time_groups=3)
+    assert [three.set_group(torch.tensor([t])) for t in times] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    layer = next(m for m in three.modules() if isinstance(m, quant_module.QuantLayer))
+    assert layer.lo.shape == (3,) and bool((layer.lo < layer.hi).all()) and len(set(layer.hi.tolist())) == 3
+    with pytest.raises(ValueError, match="time_groups=10 exceeds the 9 distinct calibration times"):
+        accel.quantize(model, states, time_groups=10)
+    with pytest.raises(ValueError, match="time_groups must be an integer >= 1"):
+        accel.quantize(model, states, time_groups=0)
+
+
 def test_quantization_warns_on_a_calibration_timestep_mismatch():
     model, kwargs, states = _quant_setup()
     noise = _noise(8, seed=2)

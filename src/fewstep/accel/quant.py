@@ -5,7 +5,10 @@ Q-Diffusion (Li et al., 2023, "Q-Diffusion: Quantizing Diffusion Models", ICCV, 
 intermediate inputs (x_t, t) drawn across all its steps, not inputs at one timestep. Here: weights per output channel,
 symmetric, `w_bits` (the first and last convolution at `edge_bits`, 8 as in Q-Diffusion); the input activation of
 every Conv2d and Linear per tensor, affine, `a_bits`, its range searched for the least error on the calibration
-inputs (or their min/max). This is *simulated* (fake) quantization: values are rounded to the integer grid and
+inputs (or their min/max); with `time_groups` > 1 each layer keeps one activation range per group of timesteps
+(contiguous groups of the calibration times, chosen at call time by t: the time-dependent activation ranges of TDQ,
+So et al., 2023, "Temporal Dynamic Quantization for Diffusion Models", NeurIPS, in their simplest, table form).
+This is *simulated* (fake) quantization: values are rounded to the integer grid and
 computed in float, so it measures the accuracy of W8A8 / W4A8, not their speed. `dynamic_int8` is the real-speed
 path where PyTorch has CPU kernels: int8 Linear layers (torch.ao dynamic quantization, fbgemm/x86); convolutions
 stay float.
@@ -40,26 +43,28 @@ def _weight_fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
 class QuantLayer(nn.Module):
     """A Conv2d or Linear with fake-quantized weights and input: observes the input range while `observing`."""
 
-    def __init__(self, layer: nn.Module, w_bits: int, a_bits: int):
+    def __init__(self, layer: nn.Module, w_bits: int, a_bits: int, groups: int = 1):
         super().__init__()
         self.layer = copy.deepcopy(layer)
         self.float_weight = layer.weight.detach()  # the original (not a parameter: not in the state dict)
         self.layer.weight.data = _weight_fake_quant(layer.weight, w_bits)
         self.a_bits = a_bits
         self.observing = False
-        self._seen: list[torch.Tensor] = []
-        self.register_buffer("lo", torch.tensor(float("inf")))
-        self.register_buffer("hi", torch.tensor(float("-inf")))
+        self.group = 0  # the time group of the current call (set by QuantizedModel)
+        self._seen: dict[int, list[torch.Tensor]] = {}
+        self.register_buffer("lo", torch.full((groups,), float("inf")))
+        self.register_buffer("hi", torch.full((groups,), float("-inf")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.group
         if self.observing:
             flat = x.detach().float().flatten()
-            self.lo, self.hi = torch.minimum(self.lo, flat.min()), torch.maximum(self.hi, flat.max())
-            self._seen.append(flat[:: max(1, flat.numel() // SAMPLES_PER_CALL)])
+            self.lo[g], self.hi[g] = torch.minimum(self.lo[g], flat.min()), torch.maximum(self.hi[g], flat.max())
+            self._seen.setdefault(g, []).append(flat[:: max(1, flat.numel() // SAMPLES_PER_CALL)])
             return self.layer(x)
-        if not bool(torch.isfinite(self.lo)):
+        if not bool(torch.isfinite(self.lo[g])):
             raise RuntimeError("the quantized layer was never calibrated: quantize(model, states) with at least one state")
-        return self.layer(self._fake_quant(x.float(), float(self.lo), float(self.hi)).to(x.dtype))
+        return self.layer(self._fake_quant(x.float(), float(self.lo[g]), float(self.hi[g])).to(x.dtype))
 
     def _fake_quant(self, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
         """x on the affine grid of 2^a_bits levels spanning [lo, hi] (widened to hold 0), values outside clipped."""
@@ -70,23 +75,23 @@ class QuantLayer(nn.Module):
 
     def start(self) -> None:
         """Begin observing calibration inputs."""
-        self.observing, self._seen = True, []
+        self.observing, self._seen = True, {}
 
     def finish(self, ranges: str) -> None:
-        """Fix the input range: "minmax" = the observed extremes; "mse" = the extremes shrunk by the factor (of 20 in
-        0.05..1) with the least quantization error on the observed inputs (clipping outliers buys resolution)."""
-        seen = torch.cat(self._seen)
-        self.observing, self._seen = False, []
-        if ranges == "minmax":
-            return
-        lo, hi = float(self.lo), float(self.hi)
-        errors = [
-            (float((self._fake_quant(seen, c * lo, c * hi) - seen).pow(2).mean()), c)
-            for c in torch.linspace(0.05, 1, 20).tolist()
-        ]
-        best = min(errors)[1]
-        self.lo.fill_(best * lo)
-        self.hi.fill_(best * hi)
+        """Fix each group's input range: "minmax" = the observed extremes; "mse" = the extremes shrunk by the factor
+        (of 20 in 0.05..1) with the least quantization error on the observed inputs (clipping outliers buys
+        resolution)."""
+        seen, self.observing, self._seen = self._seen, False, {}
+        for g, parts in seen.items():
+            if ranges == "minmax":
+                continue
+            values, lo, hi = torch.cat(parts), float(self.lo[g]), float(self.hi[g])
+            errors = [
+                (float((self._fake_quant(values, c * lo, c * hi) - values).pow(2).mean()), c)
+                for c in torch.linspace(0.05, 1, 20).tolist()
+            ]
+            best = min(errors)[1]
+            self.lo[g], self.hi[g] = best * lo, best * hi
 
 
 def calibration_states(model: Callable, noise: torch.Tensor, **sample_kwargs) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -108,18 +113,33 @@ def _check_bits(name: str, bits: int) -> int:
 
 
 class QuantizedModel(nn.Module):
-    """A fewstep model with a fake-quantized backbone; warns once when called at a time outside its calibration."""
+    """A fewstep model with a fake-quantized backbone; warns once when called at a time outside its calibration.
 
-    def __init__(self, model: Callable, times: torch.Tensor):
+    boundaries [groups - 1]: increasing times between the activation-range groups; a call at time t uses group
+    bucketize(t, boundaries) (its first sample's t: one group per call) in every layer."""
+
+    def __init__(self, model: Callable, times: torch.Tensor, layers: Sequence[QuantLayer] = (),
+                 boundaries: torch.Tensor | None = None):  # fmt: skip
         super().__init__()
         self.model = model
         self.process, self.prediction = getattr(model, "process", None), getattr(model, "prediction", None)
         self.register_buffer("t_range", torch.stack([times.min(), times.max()]).double())
+        self.register_buffer("boundaries", torch.zeros(0, dtype=torch.float64) if boundaries is None else boundaries)
+        self._layers = list(layers)  # a plain list: the layers are registered once, inside `model`
         self._warned = False
+
+    def set_group(self, t: torch.Tensor) -> int:
+        """Select the activation ranges of the time group of t in every layer; returns the group."""
+        group = int(torch.bucketize(torch.as_tensor(t, dtype=torch.float64).reshape(-1)[:1], self.boundaries)[0])
+        for layer in self._layers:
+            layer.group = group
+        return group
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not self._warned:
             self._check_time(torch.as_tensor(t))
+        if self.boundaries.numel():
+            self.set_group(t)
         return self.model(x, t)
 
     def _check_time(self, t: torch.Tensor) -> None:
@@ -143,6 +163,7 @@ def quantize(
     a_bits: int = 8,
     edge_bits: int | None = 8,
     ranges: str = "mse",
+    time_groups: int = 1,
 ) -> QuantizedModel:
     """`model` with every Conv2d and Linear of its backbone fake-quantized (weights w_bits, inputs a_bits), the
     activation ranges calibrated on `states` [(x, t), ...] (e.g. `calibration_states` of the sampler to be used).
@@ -151,6 +172,8 @@ def quantize(
     keeps at 8 bits; None = w_bits. On the digits UNet at W4A8 this moves FD from ~15x to ~1.3x the float model's.
     ranges: the activation ranges, "mse" (the clipping with the least quantization error on the calibration inputs,
     as Q-Diffusion's MSE-based range search) or "minmax" (the observed extremes).
+    time_groups: activation ranges per layer, one per group of the calibration times (contiguous groups of about
+    equal numbers of distinct times; 1: one range for all, as Q-Diffusion).
     """
     _check_bits("w_bits", w_bits)
     _check_bits("a_bits", a_bits)
@@ -159,10 +182,18 @@ def quantize(
         raise ValueError(f"ranges={ranges!r} is not known; allowed values: {', '.join(RANGES)}")
     if not states:
         raise ValueError("states must hold at least one calibration input (x, t): see fewstep.accel.calibration_states")
+    if isinstance(time_groups, bool) or not isinstance(time_groups, int) or time_groups < 1:
+        raise ValueError(f"time_groups must be an integer >= 1, got time_groups={time_groups!r}")
+    times = torch.cat([torch.as_tensor(t, dtype=torch.float64).reshape(-1) for _, t in states])
+    distinct = torch.unique(times)  # sorted
+    if time_groups > distinct.numel():
+        raise ValueError(f"time_groups={time_groups} exceeds the {distinct.numel()} distinct calibration times")
+    cuts = [round(k * distinct.numel() / time_groups) for k in range(1, time_groups)]
+    boundaries = torch.stack([(distinct[c - 1] + distinct[c]) / 2 for c in cuts]) if cuts else torch.zeros(0, dtype=torch.float64)
     net = model.net if isinstance(model, DiffusionModel) else model
     if not isinstance(net, nn.Module):
         raise TypeError(f"quantize needs a DiffusionModel or an nn.Module model(x, t), got {type(model).__name__}")
-    qnet = _replace_layers(copy.deepcopy(net), w_bits, a_bits)
+    qnet = _replace_layers(copy.deepcopy(net), w_bits, a_bits, time_groups)
     qmodel = with_backbone(model, qnet)
     layers = [m for m in qnet.modules() if isinstance(m, QuantLayer)]
     if not layers:
@@ -170,24 +201,25 @@ def quantize(
     convs = [m for m in layers if isinstance(m.layer, nn.Conv2d)]
     for edge in convs[:1] + convs[-1:]:
         edge.layer.weight.data = _weight_fake_quant(edge.float_weight, edge_bits)
+    quantized = QuantizedModel(qmodel, times, layers, boundaries)
     for layer in layers:
         layer.start()
     with torch.no_grad():
         for x, t in states:
+            quantized.set_group(t)
             qmodel(x, t)
     for layer in layers:
         layer.finish(ranges)
-    times = torch.cat([torch.as_tensor(t, dtype=torch.float64).reshape(-1) for _, t in states])
-    return QuantizedModel(qmodel, times)
+    return quantized
 
 
-def _replace_layers(net: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
+def _replace_layers(net: nn.Module, w_bits: int, a_bits: int, groups: int) -> nn.Module:
     """net with each Conv2d / Linear child (recursively) replaced by a QuantLayer, in place."""
     for name, child in net.named_children():
         if isinstance(child, (nn.Conv2d, nn.Linear)):
-            setattr(net, name, QuantLayer(child, w_bits, a_bits))
+            setattr(net, name, QuantLayer(child, w_bits, a_bits, groups))
         else:
-            _replace_layers(child, w_bits, a_bits)
+            _replace_layers(child, w_bits, a_bits, groups)
     return net
 
 
