@@ -308,6 +308,27 @@ def test_quantization_bad_input(monkeypatch):
 # --- T-Stitch -----------------------------------------------------------------------------------------------------
 
 
+def test_shipped_small_model_stitches_early_not_late():
+    """T-Stitch's premise on the shipped pair (digits_vp_small, digits_vp): the small model for the first 40 % of a
+    20-step DDIM run costs little FD, for the last 40 % much more; 500 samples of seed 0 (measured: large 1.93,
+    small first 2.37, small alone 4.33)."""
+    from fewstep.shipped import load_model
+    from fewstep.tools.evaluate import sample_metrics
+
+    large, small = load_model("digits_vp"), load_model("digits_vp_small")
+    assert (repr(small.process), small.prediction) == (repr(large.process), large.prediction)
+    kwargs = {"process": large.process, "prediction": "eps", "solver": "ddim", "steps": 20}
+    noise, ts = torch.randn(500, 1, 8, 8, generator=torch.Generator().manual_seed(0)), accel.sampling_grid(large.process, 20)
+    early = accel.Stitch(small.model, large.model, fraction=0.4).plan(ts)
+    late = accel.Stitch(large.model, small.model, fraction=0.6).plan(ts)
+    with torch.no_grad():
+        fd = {name: sample_metrics(fewstep.sample(model, noise, **kwargs))["fd"]
+              for name, model in (("large", large.model), ("small", small.model), ("early", early), ("late", late))}  # fmt: skip
+    # late's "large" slot holds the small model: the last 8 grid points and the final denoising call
+    assert early.counts["small"] == 8 and late.counts["large"] == 8 + 1
+    assert fd["early"] < 1.4 * fd["large"] and fd["early"] < 0.75 * fd["small"] and fd["early"] < fd["late"], fd
+
+
 def test_stitch_equals_the_two_stage_sample_of_exact_mixtures():
     """small = one exact mixture, large = another: the stitched Euler run is run small to the switch, then large."""
     process = fewstep.VP("linear")

@@ -3,7 +3,9 @@
 - "digits_vp":   DDPM-style eps model on the 8x8 digits, DiscreteVP linear (Ho et al., 2020), configs/digits_vp.toml;
 - "digits_flow": rectified-flow velocity model on the digits (Liu et al., 2023; Lipman et al., 2023),
                  configs/digits_flow.toml;
-- "digits_cosine_v": v-prediction model on the digits, DiscreteVP cosine (Nichol & Dhariwal, 2021), configs/digits_cosine_v.toml.
+- "digits_cosine_v": v-prediction model on the digits, DiscreteVP cosine (Nichol & Dhariwal, 2021), configs/digits_cosine_v.toml;
+- "digits_vp_small": digits_vp's process and prediction on half its channel widths, the small model of T-Stitch,
+                 configs/digits_vp_small.toml.
 Each is a `fewstep train` checkpoint reduced to its EMA weights: `<name>.json` + `<name>-<step>.safetensors`.
 Made with `python -m fewstep.shipped export out/train/<name>/checkpoint.json <name> --train-seconds S`.
 """
@@ -18,7 +20,9 @@ from pathlib import Path
 SHIPPED_MODELS = ("digits_vp", "digits_flow", "digits_cosine_v")
 # distilled students (`fewstep distill`, configs/distill_*.toml): sampled by name, not part of the solver benchmarks
 SHIPPED_STUDENTS = ("digits_flow_cd", "digits_flow_dmd")
-SHIPPED_NAMES = SHIPPED_MODELS + SHIPPED_STUDENTS
+# helper models: the small digits model T-Stitch runs before digits_vp (`fewstep.accel.Stitch`, configs/digits_vp_small.toml)
+SHIPPED_HELPERS = ("digits_vp_small",)
+SHIPPED_NAMES = SHIPPED_MODELS + SHIPPED_STUDENTS + SHIPPED_HELPERS
 ASSETS = Path(__file__).parent / "assets"
 STUDENT_KEYS = ("student_times", "student_sampler", "student_times_search")  # a student's extra keys export keeps
 

@@ -165,7 +165,24 @@ def bench_speed(model_name: str = "digits_vp", solver: str = "dpmpp_2m", steps: 
                             flops=next(r.flops for r in rows if r.label == "DeepCache interval 2, depth 1"))  # fmt: skip
         add(cached)
     _quantization_rows(runner, model, loaded, solver, steps, seed, add)
+    if model_name in STITCH_SMALL:
+        _stitch_rows(runner, model, STITCH_SMALL[model_name], add)
     return SpeedResult(model_name, solver, steps, n, batch, rows, time.perf_counter() - started)
+
+
+STITCH_SMALL = {"digits_vp": "digits_vp_small"}  # shipped small models for T-Stitch (same process and prediction)
+STITCH_FRACTIONS = (0.2, 0.4, 0.6)
+
+
+def _stitch_rows(runner: _Runner, model, small_name: str, add) -> None:
+    """The small model alone, and T-Stitch with the first 20 / 40 / 60 % of the steps on it (Pan et al., 2024)."""
+    from ..shipped import load_model
+
+    small = load_model(small_name).model
+    add(runner.run(f"small model alone ({small_name})", "stitch", small))
+    for fraction in STITCH_FRACTIONS:
+        stitch = accel.Stitch(small, model, fraction=fraction)
+        add(runner.run(f"T-Stitch: first {fraction:.0%} of the steps on {small_name}", "stitch", stitch, stitch.plan))
 
 
 def _quantization_rows(runner: _Runner, model, loaded, solver: str, steps: int, seed: int, add) -> None:
