@@ -362,3 +362,20 @@ def test_stitch_by_time_and_bad_input():
     with pytest.raises(RuntimeError, match="plan"):
         accel.Stitch(lambda x, t: x, lambda x, t: x, fraction=0.5)(torch.zeros(1, 1), torch.ones(1))
     assert process.t_max > 1.0
+
+
+def test_bench_speed_runs_the_chosen_groups_against_the_plain_model():
+    from fewstep.tools.bench_speed import bench_speed, report
+
+    result = bench_speed("digits_vp", steps=5, n=16, batch=8, groups=("stitch",), log=lambda line: None)
+    labels = [row.label for row in result.rows]
+    assert labels == ["plain (eager fp32)", "small model alone (digits_vp_small)"] + [
+        f"T-Stitch: first {f}% of the steps on digits_vp_small" for f in (20, 40, 60)]
+    plain, small = result.rows[0], result.rows[1]
+    assert plain.speedup == 1.0 and plain.nfe == small.nfe == 6  # 5 steps + the final denoising evaluation
+    assert small.flops < 0.5 * plain.flops  # half the channel widths
+    stitched = [row.flops for row in result.rows[2:]]
+    assert plain.flops > stitched[0] > stitched[1] > stitched[2] > small.flops  # more steps on the small model
+    assert "T-Stitch: first 40%" in report(result)
+    with pytest.raises(ValueError, match="groups: gpu not known; allowed values: cache, compile, quant, stitch"):
+        bench_speed("digits_vp", groups=("gpu",))

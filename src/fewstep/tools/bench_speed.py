@@ -22,7 +22,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -117,6 +117,7 @@ def _cache(model, interval: int, depth: int, refresh: str = "uniform", compile_m
     return cache, cache.plan
 
 
+GROUPS = ("cache", "compile", "quant", "stitch")  # the row groups of `bench_speed` (besides the plain model)
 ADAPTIVE = ((0.02, None), (0.1, 3), (0.2, 3))  # (threshold, max_reuse): relative L1 of the depth-1 indicator
 
 
@@ -126,8 +127,13 @@ def _adaptive(model, threshold: float, max_reuse: int | None, depth: int = 1):
 
 
 def bench_speed(model_name: str = "digits_vp", solver: str = "dpmpp_2m", steps: int = 50, *, n: int = 512, batch: int = 128,
-                seed: int = 0, compile: bool = True, log: Callable[[str], None] = print) -> SpeedResult:  # fmt: skip
-    """Every acceleration on one shipped model (see the module docstring); rows in the order they ran."""
+                seed: int = 0, compile: bool = True, groups: Sequence[str] = GROUPS,
+                log: Callable[[str], None] = print) -> SpeedResult:  # fmt: skip
+    """Every acceleration of `groups` on one shipped model (see the module docstring); rows in the order they ran.
+    The plain model always runs first (every ratio is to it)."""
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"groups: {', '.join(unknown)} not known; allowed values: {', '.join(GROUPS)}")
     from ..shipped import load_model
     from .bench_learned import digits_fd
 
@@ -146,26 +152,31 @@ def bench_speed(model_name: str = "digits_vp", solver: str = "dpmpp_2m", steps: 
         )
 
     add(runner.run("plain (eager fp32)", "plain", model))
-    for interval, depth in ((2, 1), (2, 2), (3, 1), (3, 2), (5, 1)):
-        add(runner.run(f"DeepCache interval {interval}, depth {depth}", "cache", *_cache(model, interval, depth)))
-    for threshold, max_reuse in ADAPTIVE:
-        label = f"AdaptiveCache threshold {threshold:g}, max_reuse {max_reuse}, depth 1"
-        add(runner.run(label, "cache", *_adaptive(model, threshold, max_reuse)))
-    add(runner.run("bf16 autocast (eager)", "compile", accel.compile_model(model, None, dtype="bf16"), flops_model=(model, None)))
-    add(runner.run("channels_last (eager)", "compile", accel.compile_model(model, None, channels_last=True),
-                   flops_model=(model, None)))  # fmt: skip
-    if compile:
+    if "cache" in groups:
+        for interval, depth in ((2, 1), (2, 2), (3, 1), (3, 2), (5, 1)):
+            add(runner.run(f"DeepCache interval {interval}, depth {depth}", "cache", *_cache(model, interval, depth)))
+        for threshold, max_reuse in ADAPTIVE:
+            label = f"AdaptiveCache threshold {threshold:g}, max_reuse {max_reuse}, depth 1"
+            add(runner.run(label, "cache", *_adaptive(model, threshold, max_reuse)))
+    if "compile" in groups:
+        add(runner.run("bf16 autocast (eager)", "compile", accel.compile_model(model, None, dtype="bf16"),
+                       flops_model=(model, None)))  # fmt: skip
+        add(runner.run("channels_last (eager)", "compile", accel.compile_model(model, None, channels_last=True),
+                       flops_model=(model, None)))  # fmt: skip
+    if compile and "compile" in groups:
         plain_flops = rows[0].flops
         add(runner.run("torch.compile", "compile", accel.compile_model(model), flops=plain_flops))
         add(runner.run("torch.compile + channels_last", "compile", accel.compile_model(model, channels_last=True),
                        flops=plain_flops))  # fmt: skip
         add(runner.run("torch.compile + bf16 + channels_last", "compile",
                        accel.compile_model(model, dtype="bf16", channels_last=True), flops=plain_flops))  # fmt: skip
-        cached = runner.run("DeepCache i2 d1 + torch.compile", "combo", *_cache(model, 2, 1, compile_mode="default"),
-                            flops=next(r.flops for r in rows if r.label == "DeepCache interval 2, depth 1"))  # fmt: skip
-        add(cached)
-    _quantization_rows(runner, model, loaded, solver, steps, seed, add)
-    if model_name in STITCH_SMALL:
+        if "cache" in groups:
+            cached = runner.run("DeepCache i2 d1 + torch.compile", "combo", *_cache(model, 2, 1, compile_mode="default"),
+                                flops=next(r.flops for r in rows if r.label == "DeepCache interval 2, depth 1"))  # fmt: skip
+            add(cached)
+    if "quant" in groups:
+        _quantization_rows(runner, model, loaded, solver, steps, seed, add)
+    if "stitch" in groups and model_name in STITCH_SMALL:
         _stitch_rows(runner, model, STITCH_SMALL[model_name], add)
     return SpeedResult(model_name, solver, steps, n, batch, rows, time.perf_counter() - started)
 
@@ -324,6 +335,7 @@ def bench_speed_command(
     end_to_end_rows: Annotated[
         bool, typer.Option("--end-to-end", help="Add the teacher at 50 NFE against the distilled student digits_flow_cd.")
     ] = False,
+    groups: Annotated[str, typer.Option(help=f"Comma-separated row groups of {', '.join(GROUPS)}.")] = ",".join(GROUPS),
     out: Annotated[Path, typer.Option(help="Folder for speed.md, speed.json and speed.png.")] = Path("out/bench"),
 ) -> None:
     """Wall-clock per sample, network FLOPs and FD of caching, compile, bf16, quantization and combinations, as ratios
@@ -335,13 +347,18 @@ def bench_speed_command(
         raise typer.BadParameter(f"{model!r} is not a shipped model; allowed: {', '.join(SHIPPED_MODELS)}", param_hint="--model")
     if solver not in solver_specs():
         raise typer.BadParameter(f"{solver!r} is not a solver; see `fewstep solvers`", param_hint="--solver")
+    group_list = [g.strip() for g in groups.split(",") if g.strip()]
+    if not set(group_list) <= set(GROUPS):
+        bad = ", ".join(sorted(set(group_list) - set(GROUPS)))
+        raise typer.BadParameter(f"{bad}: not a row group; allowed: {', '.join(GROUPS)}", param_hint="--groups")
     if n % batch:
         raise typer.BadParameter(f"--n {n} must be a multiple of --batch {batch}", param_hint="--n")
     torch.set_num_threads(1)
-    result = bench_speed(model, solver, steps, n=n, batch=batch, seed=seed, compile=not no_compile)
+    result = bench_speed(model, solver, steps, n=n, batch=batch, seed=seed, compile=not no_compile, groups=group_list)
     e2e = end_to_end(n=n, batch=batch, seed=seed, compile=not no_compile) if end_to_end_rows else None
     out.mkdir(parents=True, exist_ok=True)
     flags = " --no-compile" * no_compile + " --end-to-end" * end_to_end_rows
+    flags += f" --groups {','.join(group_list)}" * (tuple(group_list) != GROUPS)
     command = (
         f"fewstep bench speed --model {model} --solver {solver} --steps {steps} --n {n} --batch {batch} --seed {seed}{flags}"
     )
