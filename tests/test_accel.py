@@ -379,3 +379,14 @@ def test_bench_speed_runs_the_chosen_groups_against_the_plain_model():
     assert "T-Stitch: first 40%" in report(result)
     with pytest.raises(ValueError, match="groups: gpu not known; allowed values: cache, compile, quant, stitch"):
         bench_speed("digits_vp", groups=("gpu",))
+
+
+def test_pooled_fd_separates_real_from_shuffled_images():
+    from fewstep.data import load_dataset
+    from fewstep.tools.bench_learned import pooled_digits_fd
+
+    digits = load_dataset("digits")
+    big = torch.nn.functional.interpolate(digits, size=(24, 24), mode="nearest")  # 8x8 digits blown up 3x
+    fd = pooled_digits_fd(big[:900])
+    shuffled = big[900:].flatten(1)[:, torch.randperm(576, generator=torch.Generator().manual_seed(0))].view_as(big[900:])
+    assert fd(big[900:]) < 5 and fd(shuffled) > 20 * fd(big[900:])

@@ -126,6 +126,19 @@ def digits_fd() -> Callable[[torch.Tensor], float]:
     return fd
 
 
+def pooled_digits_fd(data: torch.Tensor) -> Callable[[torch.Tensor], float]:
+    """FD of one-channel images [n, 1, H, W] in [-1, 1] to `data` [m, 1, H, W], both area-pooled to 8 x 8 and embedded
+    by the digits classifier (a proxy for larger digit images, e.g. the 28 x 28 MNIST: it sees the coarse shape only)."""
+    from ..metrics import frechet_distance
+    from .classifier import features_and_logits
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return features_and_logits(torch.nn.functional.adaptive_avg_pool2d(x.float().clamp(-1, 1), 8))[0]
+
+    reference = features(data)
+    return lambda samples: float(frechet_distance(reference, features(samples)))
+
+
 def _measure(cell: Cell, x: torch.Tensor, reference: torch.Tensor, fd: Callable[[torch.Tensor], float] | None) -> Cell:
     finite = bool(torch.isfinite(x).all())
     cell.rmse = rms_error(x, reference) if finite else math.inf

@@ -11,7 +11,9 @@ against the distilled student `digits_flow_cd` at 1-4 steps, eager and compiled.
 Seconds per sample: the best of the n / batch chunks after one warm-up chunk (compilation excluded, reported apart;
 the best, not the median, because other jobs share the machine and only slow runs down). Speed-up: the plain model's
 best time over the same chunks, each timed just before the configuration's, divided by the configuration's best.
-FD: Fréchet distance in the digits classifier's features of all n samples (`fewstep.tools.bench_learned.digits_fd`);
+FD: Fréchet distance in the digits classifier's features of all n samples (`fewstep.tools.bench_learned.digits_fd`;
+for a checkpoint of another one-channel image size, e.g. the 28 x 28 MNIST model of configs/mnist_vp.toml, of the
+samples and the training data area-pooled to 8 x 8, `pooled_digits_fd`);
 a stochastic sampler draws the same seeded noise per chunk in every configuration. FLOPs: `torch.utils.flop_counter`
 on an eager run (a compiled configuration spends what its eager twin spends). One thread.
 """
@@ -126,6 +128,20 @@ def _adaptive(model, threshold: float, max_reuse: int | None, depth: int = 1):
     return cache, cache.plan
 
 
+def image_fd(loaded: Any, shape: tuple[int, ...]) -> Callable[[torch.Tensor], float]:
+    """FD for the model's samples: the digits classifier's features at 8 x 8 (`digits_fd`); other one-channel image
+    sizes area-pooled to 8 x 8 against the model's training data pooled the same way (`pooled_digits_fd`)."""
+    from ..data import load_dataset
+    from .bench_learned import digits_fd, pooled_digits_fd
+
+    if shape == (1, 8, 8):
+        return digits_fd()
+    if len(shape) != 3 or shape[0] != 1:
+        raise ValueError(f"bench speed measures FD on one-channel images [1, H, W], got samples of shape {shape}")
+    train = loaded.config.get("train", {})
+    return pooled_digits_fd(load_dataset(train.get("data", "digits"), **train.get("data_options", {})))
+
+
 def bench_speed(model_name: str = "digits_vp", solver: str = "dpmpp_2m", steps: int = 50, *, n: int = 512, batch: int = 128,
                 seed: int = 0, compile: bool = True, groups: Sequence[str] = GROUPS,
                 log: Callable[[str], None] = print) -> SpeedResult:  # fmt: skip
@@ -134,13 +150,14 @@ def bench_speed(model_name: str = "digits_vp", solver: str = "dpmpp_2m", steps: 
     unknown = sorted(set(groups) - set(GROUPS))
     if unknown:
         raise ValueError(f"groups: {', '.join(unknown)} not known; allowed values: {', '.join(GROUPS)}")
+    from ..sample_model import sample_shape
     from ..shipped import load_model
-    from .bench_learned import digits_fd
 
     loaded = load_model(model_name)
     model = loaded.model
-    noise = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
-    runner = _Runner(loaded, solver, steps, noise, batch, digits_fd(), baseline=model)
+    shape = sample_shape(loaded)
+    noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+    runner = _Runner(loaded, solver, steps, noise, batch, image_fd(loaded, shape), baseline=model)
     started = time.perf_counter()
     rows: list[SpeedRow] = []
 
@@ -198,7 +215,7 @@ def _stitch_rows(runner: _Runner, model, small_name: str, add) -> None:
 
 def _quantization_rows(runner: _Runner, model, loaded, solver: str, steps: int, seed: int, add) -> None:
     """Simulated W8A8 / W4A8 calibrated on the sampler's states at all its timesteps or at one, and real int8 Linear."""
-    calib_noise = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(seed + 1000))
+    calib_noise = torch.randn(32, *runner.chunks[0].shape[1:], generator=torch.Generator().manual_seed(seed + 1000))
     states = accel.calibration_states(model, calib_noise, process=loaded.process, prediction=loaded.prediction,
                                       solver=solver, steps=steps)  # fmt: skip
     mid, last = states[len(states) // 2], states[-1]
@@ -325,7 +342,8 @@ def write(result: SpeedResult, out: Path, e2e: list[SpeedRow] | None = None, com
 
 
 def bench_speed_command(
-    model: Annotated[str, typer.Option(help="A shipped model: digits_vp, digits_flow, digits_cosine_v.")] = "digits_vp",
+    model: Annotated[str, typer.Option(help="A shipped model (digits_vp, digits_flow, digits_cosine_v) or a checkpoint "
+                                            "path of a one-channel image model.")] = "digits_vp",
     solver: Annotated[str, typer.Option(help="The solver (see `fewstep solvers`).")] = "dpmpp_2m",
     steps: Annotated[int, typer.Option(min=1, max=1000, help="Solver steps (caching needs many).")] = 50,
     n: Annotated[int, typer.Option(min=1, max=100_000, help="Samples for FD, a multiple of --batch.")] = 512,
@@ -343,8 +361,9 @@ def bench_speed_command(
     from ..shipped import SHIPPED_MODELS
     from ..solvers import solver_specs
 
-    if model not in SHIPPED_MODELS:
-        raise typer.BadParameter(f"{model!r} is not a shipped model; allowed: {', '.join(SHIPPED_MODELS)}", param_hint="--model")
+    if model not in SHIPPED_MODELS and not Path(model).is_file():
+        raise typer.BadParameter(f"{model!r} is neither a shipped model ({', '.join(SHIPPED_MODELS)}) nor a checkpoint file",
+                                 param_hint="--model")  # fmt: skip
     if solver not in solver_specs():
         raise typer.BadParameter(f"{solver!r} is not a solver; see `fewstep solvers`", param_hint="--solver")
     group_list = [g.strip() for g in groups.split(",") if g.strip()]
