@@ -126,8 +126,62 @@ def test_deepcache_on_a_diffusers_unet2d_through_from_diffusers():
     assert torch.equal(cache(x, t), model(x, t))  # a refresh point: exact
     assert not torch.equal(cache(x, t.new_full((4,), float(ts[4]))), model(x, t.new_full((4,), float(ts[4]))))
     assert cache.counts == {"refresh": 1, "reuse": 1}
-    with pytest.raises(TypeError, match="UNet2DConditionModel"):
+    with pytest.raises(TypeError, match="UNet2DModel or UNet2DConditionModel"):
         accel.DeepCache(fewstep.from_diffusers(lambda x, timestep: x, scheduler.config)[0])
+
+
+def _sd_unet():
+    """A random Stable-Diffusion-style UNet2DConditionModel (cross-attention in one down and one up block)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4, norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2,
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("size", [8, 7])  # 7: an odd size, where the forward passes each up block its output size
+def test_unet2d_condition_split_equals_the_forward(size):
+    from fewstep.accel.diffusers_split import unet2d_forward_split
+
+    unet = _sd_unet()
+    x, t = _noise(2, (4, size, size)), torch.tensor([3.0, 400.0])
+    text = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = unet(x, t, encoder_hidden_states=text).sample
+        for depth in (1, 2):
+            out, feature = unet2d_forward_split(unet, x, t, depth, encoder_hidden_states=text)
+            assert torch.equal(out, full)
+            assert torch.equal(unet2d_forward_split(unet, x, t, depth, feature, encoder_hidden_states=text)[0], full)
+        other = unet2d_forward_split(unet, x, t, encoder_hidden_states=text.flip(0))[0]
+    assert not torch.allclose(other, full)  # the text conditioning reaches the network
+
+
+def test_deepcache_on_a_stable_diffusion_unet_with_classifier_free_guidance():
+    import diffusers
+
+    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    model, process, prediction = fewstep.from_diffusers(_sd_unet(), scheduler.config)
+    text, empty = (torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    noise, steps = _noise(2, (4, 8, 8)), 8
+    common = {"process": process, "prediction": prediction, "solver": "dpmpp_2m", "steps": steps}
+
+    def guided(m):
+        return fewstep.cfg_kwargs(m, {"encoder_hidden_states": text}, {"encoder_hidden_states": empty}, 5.0)
+
+    ts = accel.sampling_grid(process, steps)
+    with torch.no_grad():
+        plain = fewstep.sample(guided(model), noise, **common)
+        with accel.DeepCache(model, interval=1).plan(ts) as cache:
+            assert torch.equal(fewstep.sample(guided(cache), noise, **common), plain)
+        cache = accel.DeepCache(model, interval=2, depth=1).plan(ts)
+        cached = fewstep.sample(guided(cache), noise, **common)
+    assert cache.counts == {"refresh": 5, "reuse": 4}  # one call per step for both CFG halves; 9 grid points
+    assert not torch.equal(cached, plain) and float((cached - plain).abs().max()) < 0.5 * float(plain.abs().max())
+    with pytest.raises(TypeError, match="passes only encoder_hidden_states"):
+        cache(noise, torch.full((2,), float(ts[0])), class_labels=torch.zeros(2))
 
 
 def test_deepcache_flops_are_refresh_plus_shallow_calls():

@@ -18,11 +18,12 @@ from ..integrations.diffusers_model import DiffusersModel
 from ..nets.diffusers_unet import DiffusersUNet
 from ..nets.model import DiffusionModel
 from ..nets.unet import UNet
+from .diffusers_split import is_unet2d_condition
 
 CACHEABLE = (UNet, DiffusersUNet)
 SUPPORTED_TEXT = (
     "fewstep.nets.UNet and fewstep.nets.DiffusersUNet (alone or in a fewstep DiffusionModel: the shipped and "
-    "`fewstep train` models) and a diffusers UNet2DModel through fewstep.from_diffusers (not UNet2DConditionModel)"
+    "`fewstep train` models) and a diffusers UNet2DModel or UNet2DConditionModel through fewstep.from_diffusers"
 )
 
 
@@ -34,7 +35,8 @@ def is_unet2d(net: object) -> bool:
 def backbone_of(model: Callable, what: str = "caching") -> nn.Module:
     """The backbone of `model` (the model itself if it is a backbone); a TypeError naming the supported networks."""
     net = model.net if isinstance(model, (DiffusionModel, DiffusersModel)) else model
-    if not (isinstance(net, CACHEABLE) or (isinstance(model, DiffusersModel) and is_unet2d(net))):
+    diffusers_unet = is_unet2d(net) or is_unet2d_condition(net)
+    if not (isinstance(net, CACHEABLE) or (isinstance(model, DiffusersModel) and diffusers_unet)):
         raise TypeError(f"{what} cannot instrument {type(net).__name__}: supported are {SUPPORTED_TEXT}")
     return net
 

@@ -22,7 +22,7 @@ from torch import nn
 from ..nets.diffusers_unet import DiffusersUNet
 from ..processes import Process
 from .backbone import backbone_of, check_grid, is_unet2d, with_backbone
-from .diffusers_split import check_splittable, unet2d_forward_split
+from .diffusers_split import check_splittable, is_unet2d_condition, unet2d_forward_split
 from .refresh import REFRESH_RULES, match_grid, refresh_indices, reuses
 
 Policy = Callable[[torch.Tensor, bool], bool]  # (the deep branch's input, refresh forced) -> whether to refresh
@@ -43,12 +43,18 @@ class _CachedNet(nn.Module):
         self.deep: torch.Tensor | None = None
         self.counts = {"refresh": 0, "reuse": 0}
         self.split_fn: Callable = self.split  # replaced by a compiled version in DeepCache.compile
+        self.encoder_hidden_states: torch.Tensor | None = None  # a UNet2DConditionModel's text conditioning, per call
 
     def forward(self, x: torch.Tensor, noise_level: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """net(x, noise_level), or a diffusers UNet2DModel's call net(x, timestep=...) (then a 1-tuple, as return_dict=False)."""
+        """net(x, noise_level), or a diffusers UNet's call net(x, timestep=..., encoder_hidden_states=...) (then a
+        1-tuple, as return_dict=False)."""
         timestep = kwargs.pop("timestep", None)
+        self.encoder_hidden_states = kwargs.pop("encoder_hidden_states", None)
         if kwargs:
-            raise TypeError(f"feature caching does not pass conditioning to the network: got {', '.join(sorted(kwargs))}")
+            raise TypeError(
+                f"feature caching passes only encoder_hidden_states (text conditioning) to the network: got "
+                f"{', '.join(sorted(kwargs))}"
+            )
         level = noise_level if timestep is None else torch.as_tensor(timestep, device=x.device)
         stale = self.deep is None or self.deep.shape[0] != x.shape[0] or self.deep.dtype != x.dtype
         force = self.refresh or stale
@@ -71,8 +77,8 @@ class _CachedNet(nn.Module):
 
     def split(self, x: torch.Tensor, noise_level: torch.Tensor, deep: torch.Tensor | Callable | None):
         """(output, deep feature) of the backbone split at `depth`; the deep branch skipped where `deep` is given."""
-        if is_unet2d(self.net):
-            return unet2d_forward_split(self.net, x, noise_level, self.depth, deep)
+        if is_unet2d(self.net) or is_unet2d_condition(self.net):
+            return unet2d_forward_split(self.net, x, noise_level, self.depth, deep, self.encoder_hidden_states)
         if isinstance(self.net, DiffusersUNet):
             return unet2d_forward_split(self.net.unet, x, self.net.timestep_scale * noise_level, self.depth, deep)
         return self.net.forward_split(x, noise_level, self.depth, deep)
@@ -83,14 +89,15 @@ class FeatureCache:
     refresh / reuse counts, the call `cache(x, t)` that forces a full pass where `is_refresh(t)`.
 
     model: a fewstep UNet or DiffusersUNet, a DiffusionModel wrapping one (the shipped digits models), or a diffusers
-    UNet2DModel as `fewstep.from_diffusers(unet, scheduler_config)[0]`.
+    UNet2DModel / UNet2DConditionModel as `fewstep.from_diffusers(unet, scheduler_config)[0]` (text conditioning as
+    `cache(x, t, encoder_hidden_states=...)`, e.g. through `fewstep.cfg_kwargs(cache, cond, uncond, scale)`).
     """
 
     def __init__(self, model: Callable, depth: int):
         name = type(self).__name__
         net = backbone_of(model, name)
-        if is_unet2d(net) or isinstance(net, DiffusersUNet):
-            branch_points = check_splittable(net if is_unet2d(net) else net.unet)
+        if is_unet2d(net) or is_unet2d_condition(net) or isinstance(net, DiffusersUNet):
+            branch_points = check_splittable(net.unet if isinstance(net, DiffusersUNet) else net)
         else:
             branch_points = net.skips
         if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= branch_points:
@@ -135,10 +142,10 @@ class FeatureCache:
         """Whether a call at time t must recompute the deep features."""
         raise NotImplementedError
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
         t = torch.as_tensor(t)
         self._net.refresh = self.is_refresh(float(t.reshape(-1)[0]))
-        return self.model(x, t)
+        return self.model(x, t, **model_kwargs)
 
 
 class DeepCache(FeatureCache):
@@ -150,7 +157,7 @@ class DeepCache(FeatureCache):
     refresh: "uniform" (every interval-th grid point) or "log_snr" (as many points, spread evenly over the log-SNR the
     grid travels; see `refresh`). Before sampling, plan the grid: `with cache.plan(ts): fewstep.sample(cache, ...)`
     with the sampler's own grid (`fewstep.accel.sampling_grid(process, steps, schedule)`). `counts` holds the refresh
-    / reuse calls so far. Conditioning (model_kwargs) is not passed through.
+    / reuse calls so far. Of the conditioning (model_kwargs) only a diffusers UNet's encoder_hidden_states passes.
     """
 
     def __init__(self, model: Callable, interval: int = 3, depth: int = 1, refresh: str = "uniform"):
