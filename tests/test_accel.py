@@ -184,6 +184,27 @@ def test_deepcache_on_a_stable_diffusion_unet_with_classifier_free_guidance():
         cache(noise, torch.full((2,), float(ts[0])), class_labels=torch.zeros(2))
 
 
+def test_encoder_propagation_reuses_the_encoder_and_ignores_x_between_refreshes():
+    model = _unet_model()
+    noise, steps = _noise(), 8
+    ts = accel.sampling_grid(model.process, steps)
+    plain = _sample(model, noise, model.process, solver="dpmpp_2m", steps=steps)
+    with accel.EncoderPropagation(model, interval=1).plan(ts) as same:
+        assert torch.equal(_sample(same, noise, model.process, solver="dpmpp_2m", steps=steps), plain)
+    cache = accel.EncoderPropagation(model, interval=2).plan(ts)
+    refresh, reuse = torch.full((4,), float(ts[2])), torch.full((4,), float(ts[3]))
+    assert torch.equal(cache(noise, refresh), model(noise, refresh))  # a refresh point: the full UNet
+    other = _noise(seed=5)
+    out = cache(other, reuse)  # the decoder at t_3 on the encoder features of `noise` at t_2: x is not looked at
+    assert torch.equal(out, cache(noise, reuse)) and not torch.equal(out, model(other, reuse))
+    assert cache.counts == {"refresh": 1, "reuse": 2}
+    _, full = accel.count_flops(model, noise, reuse)
+    _, decoder = accel.count_flops(cache, noise, reuse)
+    assert 0.3 * full < decoder < 0.9 * full  # the encoder's share is saved
+    with pytest.raises(TypeError, match="EncoderPropagation needs fewstep's UNet"):
+        accel.EncoderPropagation(_diffusers_model())
+
+
 def test_deepcache_flops_are_refresh_plus_shallow_calls():
     model = _unet_model()
     noise = _noise()

@@ -1,11 +1,12 @@
-"""Cheaper network evaluations: feature caching (DeepCache; adaptive, TeaCache / First-Block-Cache style), compiled /
+"""Cheaper network evaluations: feature caching (DeepCache; adaptive, TeaCache / First-Block-Cache style; Faster
+Diffusion's encoder propagation), compiled /
 bf16 inference, post-training quantization, and T-Stitch (a small model for the early steps). Every method wraps a
 fewstep model `model(x, t)` and composes with every solver, since it decides by the call's time t (and the adaptive
 cache by its input's change), never by counting calls.
 """
 
 from .adaptive import AdaptiveCache
-from .cache import DeepCache
+from .cache import DeepCache, EncoderPropagation
 from .compile import COMPILE_MODES, compile_model
 from .flops import count_flops
 from .quant import QuantizedModel, calibration_states, dynamic_int8, quantize
@@ -17,6 +18,7 @@ __all__ = [
     "REFRESH_RULES",
     "AdaptiveCache",
     "DeepCache",
+    "EncoderPropagation",
     "QuantizedModel",
     "Stitch",
     "calibration_states",

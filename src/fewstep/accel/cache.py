@@ -56,7 +56,8 @@ class _CachedNet(nn.Module):
                 f"{', '.join(sorted(kwargs))}"
             )
         level = noise_level if timestep is None else torch.as_tensor(timestep, device=x.device)
-        stale = self.deep is None or self.deep.shape[0] != x.shape[0] or self.deep.dtype != x.dtype
+        first = self.deep[0] if isinstance(self.deep, list) else self.deep  # encoder propagation keeps a list
+        stale = first is None or first.shape[0] != x.shape[0] or first.dtype != x.dtype
         force = self.refresh or stale
         decided: list[bool] = []
 
@@ -84,6 +85,13 @@ class _CachedNet(nn.Module):
         return self.net.forward_split(x, noise_level, self.depth, deep)
 
 
+class _PropagatedNet(_CachedNet):
+    """The backbone with its encoder features (all skips) kept at refresh calls and reused, x unseen, at the others."""
+
+    def split(self, x: torch.Tensor, noise_level: torch.Tensor, skips: list[torch.Tensor] | None):
+        return self.net.forward_propagated(x, noise_level, skips)
+
+
 class FeatureCache:
     """What DeepCache and AdaptiveCache share: the backbone split at `depth` (checked), the planned sampling grid, the
     refresh / reuse counts, the call `cache(x, t)` that forces a full pass where `is_refresh(t)`.
@@ -92,6 +100,8 @@ class FeatureCache:
     UNet2DModel / UNet2DConditionModel as `fewstep.from_diffusers(unet, scheduler_config)[0]` (text conditioning as
     `cache(x, t, encoder_hidden_states=...)`, e.g. through `fewstep.cfg_kwargs(cache, cond, uncond, scale)`).
     """
+
+    net_class: type[_CachedNet] = _CachedNet
 
     def __init__(self, model: Callable, depth: int):
         name = type(self).__name__
@@ -103,7 +113,7 @@ class FeatureCache:
         if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= branch_points:
             raise ValueError(f"depth must be an integer in 1..{branch_points} for this network, got depth={depth!r}")
         self.depth = depth
-        self._net = _CachedNet(net, depth)
+        self._net = self.net_class(net, depth)
         self.model = with_backbone(model, self._net)
         self.process: Process | None = getattr(model, "process", None)
         self.prediction = getattr(model, "prediction", None)
@@ -180,7 +190,7 @@ class DeepCache(FeatureCache):
         steps = ts.numel() - 1
         if self.interval > 1 and (steps < 2 * self.interval or reuses(ts.numel(), sorted(self._refresh)) == 0):
             warnings.warn(
-                f"DeepCache(interval={self.interval}) on a grid of {steps} steps refreshes {len(self._refresh)} of "
+                f"{type(self).__name__}(interval={self.interval}) on a grid of {steps} steps refreshes {len(self._refresh)} of "
                 f"{ts.numel()} grid points: caching saves little or nothing here; use interval <= steps / 2 or no cache",
                 stacklevel=2,
             )
@@ -205,3 +215,23 @@ class DeepCache(FeatureCache):
 
         self._net.split_fn = FastNet(self._net.split, mode, **options)
         return self
+
+
+class EncoderPropagation(DeepCache):
+    """`EncoderPropagation(model, interval=2, refresh="uniform")`: Faster Diffusion's encoder propagation (Li et al.,
+    2024, NeurIPS) as a fewstep model: at refresh grid points the whole UNet runs and its encoder features (input
+    convolution and down path: every skip) are kept; at the other calls only the decoder (middle blocks, up path,
+    head) runs, at the call's own noise level, on the kept features, so the call does not look at x. Plan the grid as
+    for DeepCache; interval 1 is bit-identical to the model. For fewstep's UNet (alone or in a DiffusionModel).
+    """
+
+    net_class = _PropagatedNet
+
+    def __init__(self, model: Callable, interval: int = 2, refresh: str = "uniform"):
+        net = backbone_of(model, "EncoderPropagation")
+        if not hasattr(net, "forward_propagated"):
+            raise TypeError(
+                f"EncoderPropagation needs fewstep's UNet (alone or in a DiffusionModel), got {type(net).__name__}; "
+                "use DeepCache for diffusers UNets"
+            )
+        super().__init__(model, interval=interval, depth=1, refresh=refresh)

@@ -154,22 +154,35 @@ class UNet(nn.Module):
         hs = self._encode([self.inp(x)], emb, self.skips if deep is None else depth)
         if callable(deep):
             deep = deep(hs[-1])
+        split = 0 if depth is None else self.skips - depth
         if deep is None:
             h = self._run_layers(self.mid, self._encode(hs, emb, self.skips)[-1], emb)
-        else:
-            h = deep
-        split = None if depth is None else self.skips - depth
-        feature = None
-        for j, layers in enumerate(self.up):
-            if j == split:
-                feature, h = (h, h) if deep is None else (deep, deep)
-            if deep is not None and j < split:
-                continue
-            h = self._run_layers(layers, torch.cat([h, hs.pop()], dim=1), emb)
+            deep = self._decode(h, hs, emb, 0, split)  # the deep branch's output (h itself where nothing is split)
+        return self.out(self._decode(deep, hs, emb, split, len(self.up))), None if depth is None else deep
+
+    def forward_propagated(
+        self, x: torch.Tensor, noise_level: torch.Tensor, skips: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(output, skips): the encoder (input convolution and down path) run on x, or its `skips` from an earlier call
+        reused without looking at x, then the decoder (middle blocks, up path, head) at this call's noise level.
+
+        Encoder propagation of Li et al., 2024, "Faster Diffusion: Rethinking the Role of the Encoder for Diffusion
+        Model Inference" (NeurIPS): encoder features change little between adjacent steps, decoder features much.
+        With skips None the output equals `forward`'s bit for bit."""
+        emb = self.embed(noise_level)
+        hs = self._encode([self.inp(x)], emb, self.skips) if skips is None else list(skips)
+        kept = list(hs)
+        h = self._run_layers(self.mid, hs[-1], emb)
+        return self.out(self._decode(h, hs, emb, 0, len(self.up))), kept
+
+    def _decode(self, h: torch.Tensor, hs: list[torch.Tensor], emb: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Up-blocks start..stop-1 on h, each taking the last skip of hs (popped)."""
+        for j in range(start, stop):
+            h = self._run_layers(self.up[j], torch.cat([h, hs.pop()], dim=1), emb)
             i, r = divmod(j, self.blocks + 1)
             if r == self.blocks and i < self.levels - 1:
                 h = self.upsample[i](F.interpolate(h, size=hs[-1].shape[-2:], mode="nearest"))
-        return self.out(h), feature
+        return h
 
     def _encode(self, hs: list[torch.Tensor], emb: torch.Tensor, stop: int) -> list[torch.Tensor]:
         """The skips hs (hs[0]: the input convolution's output) extended along the down path until `stop` are stored."""

@@ -2,7 +2,8 @@
 
 On a shipped digits model, one solver and step count, the same noise for every configuration: the plain model, DeepCache
 (Ma et al., 2024) at several intervals and depths, adaptive caching (TeaCache / First-Block Cache style, refresh when
-the first block's accumulated relative L1 change reaches a threshold) at a few thresholds, torch.compile / bf16 /
+the first block's accumulated relative L1 change reaches a threshold) at a few thresholds, Faster Diffusion's encoder
+propagation (fewstep UNets), torch.compile / bf16 /
 channels_last, post-training quantization (Q-Diffusion-style calibration across the sampler's timesteps vs one
 timestep; simulated W8A8 / W4A8, and real int8 Linear layers), and combinations; each as a ratio to the plain model
 measured in the same run. Optionally the end-to-end comparison of the issue's last target: the teacher at 50 NFE
@@ -33,6 +34,7 @@ import torch
 import typer
 
 from .. import accel
+from ..accel.backbone import backbone_of
 from ..io import atomic_write_text, save_figure
 from ..sampling import sample
 
@@ -175,6 +177,10 @@ def bench_speed(model_name: str = "digits_vp", solver: str = "dpmpp_2m", steps: 
         for threshold, max_reuse in ADAPTIVE:
             label = f"AdaptiveCache threshold {threshold:g}, max_reuse {max_reuse}, depth 1"
             add(runner.run(label, "cache", *_adaptive(model, threshold, max_reuse)))
+        if hasattr(backbone_of(model), "forward_propagated"):  # fewstep's UNet
+            for interval in (2, 3):
+                propagation = accel.EncoderPropagation(model, interval=interval)
+                add(runner.run(f"Encoder propagation interval {interval}", "cache", propagation, propagation.plan))
     if "compile" in groups:
         add(runner.run("bf16 autocast (eager)", "compile", accel.compile_model(model, None, dtype="bf16"),
                        flops_model=(model, None)))  # fmt: skip
