@@ -205,6 +205,45 @@ def test_encoder_propagation_reuses_the_encoder_and_ignores_x_between_refreshes(
         accel.EncoderPropagation(_diffusers_model())
 
 
+def test_newton_extrapolation_is_exact_on_polynomials():
+    """The forecast through k + 1 features at uneven times reproduces any degree-k polynomial in t, at any t."""
+    a, b, c = _noise(1, seed=1)[0], _noise(1, seed=2)[0], _noise(1, seed=3)[0]
+    times = [0.9, 0.75, 0.4]
+    cubic_free = [a + b * t + c * t**2 for t in times]
+    for t in (0.3, 0.1, 0.0):
+        assert torch.allclose(accel.newton_extrapolate(times, cubic_free, t), a + b * t + c * t**2, atol=1e-5)
+        assert torch.allclose(accel.newton_extrapolate(times[1:], cubic_free[1:], t),
+                              cubic_free[2] + (t - times[2]) * (cubic_free[2] - cubic_free[1]) / (times[2] - times[1]),
+                              atol=1e-5)  # fmt: skip
+    assert torch.equal(accel.newton_extrapolate(times[:1], cubic_free[:1], 0.0), cubic_free[0])
+
+
+@pytest.mark.parametrize("kind", ["deep", "adaptive"])
+def test_forecasting_the_deep_feature_beats_reusing_it(kind):
+    """TaylorSeer-style forecasting (order 1) keeps the shipped model's samples closer to the uncached ones than plain
+    reuse at the same refresh calls; interval 1 / threshold 0 stay bit-identical with forecasting on."""
+    from fewstep.shipped import load_model
+
+    loaded = load_model("digits_vp")
+    model, steps = loaded.model, 30
+    noise = _noise(32, seed=4)
+    ts = accel.sampling_grid(model.process, steps)
+    with torch.no_grad():
+        plain = _sample(model, noise, model.process, steps=steps)
+
+        def run(order, strength):
+            cache = (accel.DeepCache(model, interval=strength, forecast=order) if kind == "deep"
+                     else accel.AdaptiveCache(model, threshold=strength, forecast=order))  # fmt: skip
+            with cache.plan(ts):
+                return _sample(cache, noise, model.process, steps=steps), cache.counts
+
+        assert torch.equal(run(1, 1 if kind == "deep" else 0.0)[0], plain)
+        (reused, counts0), (forecast, counts1) = run(0, 2 if kind == "deep" else 0.1), run(1, 2 if kind == "deep" else 0.1)
+    assert counts0 == counts1 if kind == "deep" else counts1["reuse"] > 0
+    err0, err1 = (reused - plain).pow(2).mean().sqrt(), (forecast - plain).pow(2).mean().sqrt()
+    assert err1 < 0.7 * err0, (float(err0), float(err1))  # measured: 0.049 -> 0.030 (DeepCache)
+
+
 def test_deepcache_flops_are_refresh_plus_shallow_calls():
     model = _unet_model()
     noise = _noise()
@@ -252,6 +291,9 @@ def test_deepcache_bad_input():
         accel.DeepCache(model, interval=0)
     with pytest.raises(ValueError, match="uniform, log_snr"):
         accel.DeepCache(model, refresh="random")
+    for forecast in (-1, 4, True, 1.0):
+        with pytest.raises(ValueError, match=r"forecast must be an integer in 0..3"):
+            accel.DeepCache(model, forecast=forecast)
     with pytest.raises(RuntimeError, match="plan"):
         accel.DeepCache(model)(_noise(), torch.ones(4))
 
@@ -328,6 +370,36 @@ def test_quantization_calibrated_across_timesteps_beats_one_timestep():
     assert errors[8, 8, "all"] < 0.2 * errors[8, 8, "one"]
     assert errors[4, 8, "all"] < errors[4, 8, "one"]
     assert errors[8, 8, "all"] < errors[4, 8, "all"]
+
+
+def test_gptq_weights_spread_rounding_error_where_inputs_correlate():
+    """GPTQ equals round-to-nearest on the same per-channel grid when the inputs are uncorrelated (diagonal second
+    moment), and has a smaller output error than it, tr((W - Q) H (W - Q)^T), when they are correlated."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 24, generator=g, dtype=torch.float64)
+    scale = quant_module._weight_scale(w, 4, "mse").double()
+    nearest = (w / scale[:, None]).round().clamp(-7, 7) * scale[:, None]
+    diagonal = torch.diag(torch.rand(24, generator=g, dtype=torch.float64) + 0.5)
+    assert torch.allclose(quant_module._gptq(w, diagonal, 4, damp=0.0), nearest, atol=1e-12)
+    inputs = torch.randn(500, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 24, generator=g, dtype=torch.float64)
+    inputs += 0.1 * torch.randn(500, 24, generator=g, dtype=torch.float64)
+    h = inputs.T @ inputs
+    q = quant_module._gptq(w, h, 4)
+    assert set((q / scale[:, None]).round().unique().tolist()) <= set(range(-7, 8))  # still on the 4-bit grid
+
+    def output_error(rounded):
+        return float(torch.trace((w - rounded) @ h @ (w - rounded).T))
+
+    assert output_error(q) < 0.5 * output_error(nearest)
+
+
+def test_gptq_weights_beat_round_to_nearest_at_w4():
+    model, _, states = _quant_setup()
+    errors = {rule: _relative_error(model, accel.quantize(model, states, 4, 8, weights=rule), states)
+              for rule in ("minmax", "gptq")}  # fmt: skip
+    assert errors["gptq"] < 0.8 * errors["minmax"], errors  # measured: 0.095 against 0.138
+    with pytest.raises(ValueError, match="weights='awq' is not known; allowed values: minmax, gptq"):
+        accel.quantize(model, states, weights="awq")
 
 
 def test_time_grouped_activation_ranges():
@@ -452,7 +524,7 @@ def test_bench_speed_runs_the_chosen_groups_against_the_plain_model():
     stitched = [row.flops for row in result.rows[2:]]
     assert plain.flops > stitched[0] > stitched[1] > stitched[2] > small.flops  # more steps on the small model
     assert "T-Stitch: first 40%" in report(result)
-    with pytest.raises(ValueError, match="groups: gpu not known; allowed values: cache, compile, quant, stitch"):
+    with pytest.raises(ValueError, match="groups: gpu not known; allowed values: cache, forecast, compile, quant, stitch"):
         bench_speed("digits_vp", groups=("gpu",))
 
 

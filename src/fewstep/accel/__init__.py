@@ -1,5 +1,5 @@
-"""Cheaper network evaluations: feature caching (DeepCache; adaptive, TeaCache / First-Block-Cache style; Faster
-Diffusion's encoder propagation), compiled /
+"""Cheaper network evaluations: feature caching (DeepCache; adaptive, TeaCache / First-Block-Cache style; both
+optionally forecasting the cached feature, TaylorSeer style; Faster Diffusion's encoder propagation), compiled /
 bf16 inference, post-training quantization, and T-Stitch (a small model for the early steps). Every method wraps a
 fewstep model `model(x, t)` and composes with every solver, since it decides by the call's time t (and the adaptive
 cache by its input's change), never by counting calls.
@@ -9,6 +9,7 @@ from .adaptive import AdaptiveCache
 from .cache import DeepCache, EncoderPropagation
 from .compile import COMPILE_MODES, compile_model
 from .flops import count_flops
+from .forecast import newton_extrapolate
 from .quant import QuantizedModel, calibration_states, dynamic_int8, quantize
 from .refresh import REFRESH_RULES, refresh_indices, sampling_grid
 from .stitch import Stitch
@@ -25,6 +26,7 @@ __all__ = [
     "compile_model",
     "count_flops",
     "dynamic_int8",
+    "newton_extrapolate",
     "quantize",
     "refresh_indices",
     "sampling_grid",

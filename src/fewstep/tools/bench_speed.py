@@ -2,7 +2,8 @@
 
 On a shipped digits model, one solver and step count, the same noise for every configuration: the plain model, DeepCache
 (Ma et al., 2024) at several intervals and depths, adaptive caching (TeaCache / First-Block Cache style, refresh when
-the first block's accumulated relative L1 change reaches a threshold) at a few thresholds, Faster Diffusion's encoder
+the first block's accumulated relative L1 change reaches a threshold) at a few thresholds, both also forecasting the
+reused feature (TaylorSeer, group "forecast"), Faster Diffusion's encoder
 propagation (fewstep UNets), torch.compile / bf16 /
 channels_last, post-training quantization (Q-Diffusion-style calibration across the sampler's timesteps vs one
 timestep; simulated W8A8 / W4A8, and real int8 Linear layers), and combinations; each as a ratio to the plain model
@@ -114,19 +115,22 @@ class _Runner:
         return out, (time.perf_counter() - start) / chunk.shape[0]
 
 
-def _cache(model, interval: int, depth: int, refresh: str = "uniform", compile_mode: str | None = None, **opts):
-    cache = accel.DeepCache(model, interval=interval, depth=depth, refresh=refresh)
+def _cache(model, interval: int, depth: int, refresh: str = "uniform", compile_mode: str | None = None,
+           forecast: int = 0, **opts):  # fmt: skip
+    cache = accel.DeepCache(model, interval=interval, depth=depth, refresh=refresh, forecast=forecast)
     if compile_mode is not None:
         cache.compile(compile_mode, **opts)
     return cache, cache.plan
 
 
-GROUPS = ("cache", "compile", "quant", "stitch")  # the row groups of `bench_speed` (besides the plain model)
+GROUPS = ("cache", "forecast", "compile", "quant", "stitch")  # the row groups of `bench_speed` (besides the plain model)
 ADAPTIVE = ((0.02, None), (0.1, 3), (0.2, 3))  # (threshold, max_reuse): relative L1 of the depth-1 indicator
+FORECAST_DEEP = ((2, 1), (3, 1), (3, 2))  # (interval, depth) of the DeepCache rows with forecast 1
+FORECAST_ADAPTIVE = ((0.1, 3), (0.2, 3))  # (threshold, max_reuse) of the AdaptiveCache rows with forecast 1
 
 
-def _adaptive(model, threshold: float, max_reuse: int | None, depth: int = 1):
-    cache = accel.AdaptiveCache(model, threshold=threshold, depth=depth, max_reuse=max_reuse)
+def _adaptive(model, threshold: float, max_reuse: int | None, depth: int = 1, forecast: int = 0):
+    cache = accel.AdaptiveCache(model, threshold=threshold, depth=depth, max_reuse=max_reuse, forecast=forecast)
     return cache, cache.plan
 
 
@@ -181,6 +185,13 @@ def bench_speed(model_name: str = "digits_vp", solver: str = "dpmpp_2m", steps: 
             for interval in (2, 3):
                 propagation = accel.EncoderPropagation(model, interval=interval)
                 add(runner.run(f"Encoder propagation interval {interval}", "cache", propagation, propagation.plan))
+    if "forecast" in groups:  # TaylorSeer-style: the reused deep feature extrapolated linearly in t
+        for interval, depth in FORECAST_DEEP:
+            label = f"DeepCache interval {interval}, depth {depth}, forecast 1"
+            add(runner.run(label, "forecast", *_cache(model, interval, depth, forecast=1)))
+        for threshold, max_reuse in FORECAST_ADAPTIVE:
+            label = f"AdaptiveCache threshold {threshold:g}, max_reuse {max_reuse}, depth 1, forecast 1"
+            add(runner.run(label, "forecast", *_adaptive(model, threshold, max_reuse, forecast=1)))
     if "compile" in groups:
         add(runner.run("bf16 autocast (eager)", "compile", accel.compile_model(model, None, dtype="bf16"),
                        flops_model=(model, None)))  # fmt: skip
