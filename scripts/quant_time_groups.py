@@ -48,5 +48,6 @@ for w_bits in (int(b) for b in args.bits.split(",")):
                 with torch.no_grad(), warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # a one-timestep calibration warns, by design
                     value = fd(fewstep.sample(model, noise, **kw))
-                print(f"W{w_bits}A8, ranges {ranges}, calibrated on {calibration} timestep(s), {groups} time group(s), {weights} weights: "
+                print(f"W{w_bits}A8, ranges {ranges}, calibrated on {calibration} timestep(s), {groups} time group(s), "
+                      f"{weights} weights: "
                       f"FD {value:.3f} ({value / plain:.2f}x plain), {time.perf_counter() - start:.0f} s", flush=True)

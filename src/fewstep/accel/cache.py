@@ -88,8 +88,7 @@ class _CachedNet(nn.Module):
         polynomial through the last order + 1 computed ones (fewer while fewer exist)."""
         if not self.order or len(self.history) < 2:
             return self.deep
-        times, features = zip(*self.history)
-        return newton_extrapolate(times, features, self.time)
+        return newton_extrapolate([t for t, _ in self.history], [f for _, f in self.history], self.time)
 
     def split(self, x: torch.Tensor, noise_level: torch.Tensor, deep: torch.Tensor | Callable | None):
         """(output, deep feature) of the backbone split at `depth`; the deep branch skipped where `deep` is given."""
