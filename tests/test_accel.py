@@ -439,6 +439,27 @@ def test_dynamic_int8_is_real_int8_and_close():
     assert _relative_error(model, quantized, [(x, t)]) < 0.05
 
 
+def test_int8_kernels_run_the_calibrated_model_on_quantized_ops():
+    """The real int8 model uses torch.ao quantized Conv2d / Linear, stays within a few percent of the float model and
+    within the output requantization of the simulated one; refusals name what is needed."""
+    import torch.ao.nn.quantized as nnq
+
+    model, _, states = _quant_setup()
+    simulated = accel.quantize(model, states, 8, 8)
+    real = accel.int8_kernels(simulated)
+    ops = [m for m in real.modules() if isinstance(m, (nnq.Conv2d, nnq.Linear))]
+    assert ops and not any(isinstance(m, quant_module.QuantLayer) for m in real.modules())
+    sim_err, real_err = _relative_error(model, simulated, states), _relative_error(model, real, states)
+    assert real_err < 0.05 and real_err < 2 * sim_err + 0.01, (sim_err, real_err)
+    with torch.no_grad():
+        gap = max(float((real(x, t) - simulated(x, t)).norm() / simulated(x, t).norm()) for x, t in states)
+    assert 0 < gap < 0.05
+    with pytest.raises(ValueError, match="a_bits=8, time_groups=1"):
+        accel.int8_kernels(accel.quantize(model, states, 8, 8, time_groups=2))
+    with pytest.raises(TypeError, match="from fewstep.accel.quantize"):
+        accel.int8_kernels(model)
+
+
 def test_quantization_bad_input(monkeypatch):
     model, _, states = _quant_setup()
     with pytest.raises(ValueError, match="w_bits must be an integer in 2..8"):

@@ -10,6 +10,7 @@ from .cache import DeepCache, EncoderPropagation
 from .compile import COMPILE_MODES, compile_model
 from .flops import count_flops
 from .forecast import newton_extrapolate
+from .int8 import int8_kernels
 from .quant import QuantizedModel, calibration_states, dynamic_int8, quantize
 from .refresh import REFRESH_RULES, refresh_indices, sampling_grid
 from .stitch import Stitch
@@ -26,6 +27,7 @@ __all__ = [
     "compile_model",
     "count_flops",
     "dynamic_int8",
+    "int8_kernels",
     "newton_extrapolate",
     "quantize",
     "refresh_indices",

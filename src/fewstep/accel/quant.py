@@ -51,19 +51,12 @@ def _weight_scale(w: torch.Tensor, bits: int, rule: str = "minmax") -> torch.Ten
     return best
 
 
-def _weight_fake_quant(w: torch.Tensor, bits: int, rule: str = "minmax") -> torch.Tensor:
-    """w [out, ...] rounded to a symmetric per-output-channel grid of 2^bits - 1 levels (step by `_weight_scale`)."""
-    q = 2 ** (bits - 1) - 1
-    scale = _weight_scale(w, bits, rule)
-    zero = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w.detach().float(), scale.float(), zero, 0, -q, q).to(w.dtype)
-
-
-def _gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float = 0.01) -> torch.Tensor:
+def _gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, scale: torch.Tensor | None = None, damp: float = 0.01) -> torch.Tensor:
     """w [out, cols] rounded column by column, each column's rounding error spread over the columns not yet rounded
     so as to least change the layer's output on the calibration inputs, whose second moment is `hessian` [cols, cols]
     (GPTQ: Frantar et al., 2023, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
-    Transformers", ICLR, algorithm 1, without its lazy blocks). Per-channel steps as `_weight_scale(w, bits, "mse")`."""
+    Transformers", ICLR, algorithm 1, without its lazy blocks). Per-channel steps `scale` [out] (default
+    `_weight_scale(w, bits, "mse")`)."""
     q = 2 ** (bits - 1) - 1
     w = w.detach().double().clone()
     h = hessian.double().clone()
@@ -72,7 +65,7 @@ def _gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float = 0.01)
     w[:, dead] = 0.0
     h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    scale = _weight_scale(w, bits, "mse").double()
+    scale = (_weight_scale(w, bits, "mse") if scale is None else scale).double()
     out = torch.empty_like(w)
     for col in range(w.shape[1]):
         rounded = (w[:, col] / scale).round().clamp(-q, q) * scale
@@ -110,12 +103,17 @@ class QuantLayer(nn.Module):
         self._hessian: torch.Tensor | None = None
         self.register_buffer("lo", torch.full((groups,), float("inf")))
         self.register_buffer("hi", torch.full((groups,), float("-inf")))
+        self.register_buffer("out_range", torch.tensor([float("inf"), float("-inf")]))  # the output's, for int8 kernels
 
     def set_weight_bits(self, bits: int) -> None:
-        """Round the original weights to `bits` (by this layer's rule; "gptq" waits for the calibration)."""
+        """Round the original weights to `bits` (by this layer's rule; "gptq" waits for the calibration); `w_scale`
+        [out] is the per-channel step."""
         self.w_bits = bits
-        rule = "mse" if self.weights == "gptq" else self.weights
-        self.layer.weight.data = _weight_fake_quant(self.float_weight, bits, rule)
+        self.w_scale = _weight_scale(self.float_weight, bits, "mse" if self.weights == "gptq" else self.weights)
+        q = 2 ** (bits - 1) - 1
+        zero = torch.zeros_like(self.w_scale, dtype=torch.int32)
+        w = self.float_weight.float()
+        self.layer.weight.data = torch.fake_quantize_per_channel_affine(w, self.w_scale.float(), zero, 0, -q, q).to(w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.group
@@ -126,7 +124,10 @@ class QuantLayer(nn.Module):
             if self.weights == "gptq":
                 rows = _layer_inputs(self.layer, x.detach().double())
                 self._hessian = (0 if self._hessian is None else self._hessian) + rows.T @ rows
-            return self.layer(x)
+            out = self.layer(x)
+            self.out_range[0] = torch.minimum(self.out_range[0], out.detach().float().min())
+            self.out_range[1] = torch.maximum(self.out_range[1], out.detach().float().max())
+            return out
         if not bool(torch.isfinite(self.lo[g])):
             raise RuntimeError("the quantized layer was never calibrated: quantize(model, states) with at least one state")
         return self.layer(self._fake_quant(x.float(), float(self.lo[g]), float(self.hi[g])).to(x.dtype))
@@ -149,7 +150,7 @@ class QuantLayer(nn.Module):
         seen, self.observing, self._seen = self._seen, False, {}
         if self._hessian is not None:
             w = self.float_weight
-            rounded = _gptq(w.flatten(1), self._hessian, self.w_bits)
+            rounded = _gptq(w.flatten(1), self._hessian, self.w_bits, self.w_scale)
             self.layer.weight.data = rounded.reshape(w.shape).to(w.dtype)
             self._hessian = None
         for g, parts in seen.items():

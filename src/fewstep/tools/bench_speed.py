@@ -246,6 +246,9 @@ def _quantization_rows(runner: _Runner, model, loaded, solver: str, steps: int, 
         for w_bits, edge_bits, name, calib in plans:
             qmodel = accel.quantize(model, calib, w_bits=w_bits, a_bits=8, edge_bits=edge_bits)
             add(runner.run(f"W{w_bits}A8 calibrated on {name}", "quant", qmodel, flops_model=(model, None), speed=simulated))
+            if (w_bits, name) == (8, "all timesteps"):  # the same model on real int8 kernels
+                add(runner.run("W8A8 calibrated on all timesteps, int8 kernels (torch.ao, real)", "quant",
+                               accel.int8_kernels(qmodel), flops_model=(model, None)))  # fmt: skip
         add(runner.run("int8 dynamic Linear (torch.ao, real)", "quant", accel.dynamic_int8(model), flops_model=(model, None)))
 
 
