@@ -51,7 +51,9 @@ def _weight_scale(w: torch.Tensor, bits: int, rule: str = "minmax") -> torch.Ten
     return best
 
 
-def _gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, scale: torch.Tensor | None = None, damp: float = 0.01) -> torch.Tensor:
+def _gptq(
+    w: torch.Tensor, hessian: torch.Tensor, bits: int, scale: torch.Tensor | None = None, damp: float = 0.01
+) -> torch.Tensor:
     """w [out, cols] rounded column by column, each column's rounding error spread over the columns not yet rounded
     so as to least change the layer's output on the calibration inputs, whose second moment is `hessian` [cols, cols]
     (GPTQ: Frantar et al., 2023, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
