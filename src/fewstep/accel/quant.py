@@ -32,6 +32,7 @@ from .backbone import with_backbone
 RANGES = ("mse", "minmax")
 WEIGHTS = ("minmax", "gptq")
 SAMPLES_PER_CALL = 4096  # calibration inputs kept per layer and call for the range search
+HESSIAN_ROWS_PER_CALL = 2048  # input rows (a convolution's patches) per layer and call in GPTQ's second moment
 
 
 def _weight_scale(w: torch.Tensor, bits: int, rule: str = "minmax") -> torch.Tensor:
@@ -124,7 +125,8 @@ class QuantLayer(nn.Module):
             self.lo[g], self.hi[g] = torch.minimum(self.lo[g], flat.min()), torch.maximum(self.hi[g], flat.max())
             self._seen.setdefault(g, []).append(flat[:: max(1, flat.numel() // SAMPLES_PER_CALL)])
             if self.weights == "gptq":
-                rows = _layer_inputs(self.layer, x.detach().double())
+                rows = _layer_inputs(self.layer, x.detach().float())
+                rows = rows[:: max(1, rows.shape[0] // HESSIAN_ROWS_PER_CALL)].double()
                 self._hessian = (0 if self._hessian is None else self._hessian) + rows.T @ rows
             out = self.layer(x)
             self.out_range[0] = torch.minimum(self.out_range[0], out.detach().float().min())
