@@ -218,6 +218,30 @@ def test_newton_extrapolation_is_exact_on_polynomials():
     assert torch.equal(accel.newton_extrapolate(times[:1], cubic_free[:1], 0.0), cubic_free[0])
 
 
+@pytest.mark.parametrize("make", [_unet_model, _diffusers_model])
+def test_forecast_reuse_calls_extrapolate_the_last_two_refreshes(make):
+    """A reusing call's deep feature is the straight line in t through the last two computed ones: on a model whose
+    deep feature is recorded, the forecast output equals the split forward with that extrapolated feature."""
+    model = make()
+    ts = accel.sampling_grid(model.process, 6)
+    cache = accel.DeepCache(model, interval=2, forecast=1).plan(ts)
+    x = _noise()
+    t0, t2, t3 = (torch.full((4,), float(ts[i])) for i in (0, 2, 3))
+    cache(x, t0)
+    d0 = cache._net.deep
+    cache(x, t2)
+    d2 = cache._net.deep
+    expected = d2 + (float(ts[3]) - float(ts[2])) * (d2 - d0) / (float(ts[2]) - float(ts[0]))
+    assert torch.allclose(cache._net.reused(), d2)  # the call time is still t2's
+    out = cache(x, t3)
+    assert torch.allclose(cache._net.history[-1][1], d2) and cache.counts == {"refresh": 2, "reuse": 1}
+    plain = accel.DeepCache(model, interval=2).plan(ts)
+    for t in (t0, t2):
+        plain(x, t)
+    plain._net.deep = expected
+    assert torch.allclose(out, plain(x, t3), atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["deep", "adaptive"])
 def test_forecasting_the_deep_feature_beats_reusing_it(kind):
     """TaylorSeer-style forecasting (order 1) keeps the shipped model's samples closer to the uncached ones than plain
