@@ -75,10 +75,12 @@ def int8_kernels(quantized: QuantizedModel) -> QuantizedModel:
 
 
 def _replace(net: nn.Module) -> nn.Module:
-    """net with each QuantLayer child (recursively) replaced by an Int8Layer, in place."""
+    """net with each calibrated QuantLayer child (recursively) replaced by an Int8Layer, in place (a layer that no
+    calibration call reached stays, and raises its own error if it is ever called)."""
     for name, child in net.named_children():
         if isinstance(child, QuantLayer):
-            setattr(net, name, Int8Layer(child))
+            if bool(torch.isfinite(child.out_range).all()):
+                setattr(net, name, Int8Layer(child))
         else:
             _replace(child)
     return net
