@@ -1,5 +1,5 @@
-"""FD of digits samples under DeepCache / AdaptiveCache with the reused deep feature forecast (order 0 = plain reuse,
-1, 2), against the plain model on the same noise (`fewstep.sample` with each cache, chunks of 128):
+"""FD of image samples under DeepCache / AdaptiveCache with the reused deep feature forecast (order 0 = plain reuse,
+1, 2), against the plain model on the same noise (`fewstep.sample` with each cache, chunks of --batch):
 python scripts/forecast_cache.py [--model digits_vp] [--steps 50] [--n 2048] [--orders 0,1,2]"""
 
 import argparse
@@ -9,14 +9,16 @@ import torch
 
 import fewstep
 from fewstep import accel
+from fewstep.sample_model import sample_shape
 from fewstep.shipped import load_model
-from fewstep.tools.bench_learned import digits_fd
+from fewstep.tools.bench_speed import image_fd
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--model", default="digits_vp")
+parser.add_argument("--model", default="digits_vp", help="a shipped model or a checkpoint of one-channel images")
 parser.add_argument("--steps", type=int, default=50)
 parser.add_argument("--n", type=int, default=2048)
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--batch", type=int, default=128)
 parser.add_argument("--orders", default="0,1,2")
 parser.add_argument("--configs", default="deep:2:1,deep:3:1,deep:3:2,adaptive:0.1:1",
                     help="kind:interval-or-threshold:depth, comma-separated")  # fmt: skip
@@ -25,14 +27,15 @@ torch.set_num_threads(1)
 
 loaded = load_model(args.model)
 kw = dict(process=loaded.process, prediction=loaded.prediction, solver="dpmpp_2m", steps=args.steps)
-noise = torch.randn(args.n, 1, 8, 8, generator=torch.Generator().manual_seed(args.seed))
+shape = sample_shape(loaded)
+noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
 ts = accel.sampling_grid(loaded.process, args.steps)
-fd = digits_fd()
+fd = image_fd(loaded, shape)
 
 
 def run(model) -> torch.Tensor:
     out = []
-    for chunk in noise.split(128):
+    for chunk in noise.split(args.batch):
         if hasattr(model, "plan"):
             model.plan(ts)
         out.append(fewstep.sample(model, chunk, **kw))
