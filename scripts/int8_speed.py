@@ -30,8 +30,10 @@ states = accel.calibration_states(model, calib, process=loaded.process, predicti
 simulated = accel.quantize(model, states, w_bits=args.w_bits, a_bits=8)
 rows = [runner.run("float (eager fp32)", "plain", model),
         runner.run(f"W{args.w_bits}A8 simulated", "quant", simulated, flops_model=(model, None), speed="simulated"),
-        runner.run(f"W{args.w_bits}A8 int8 kernels", "quant", accel.int8_kernels(simulated), flops_model=(model, None))]
+        runner.run(f"W{args.w_bits}A8 int8 kernels", "quant", accel.int8_kernels(simulated), flops_model=(model, None)),
+        runner.run(f"W{args.w_bits}A8 int8 kernels, output too", "quant",
+                   accel.int8_kernels(simulated, keep_output_layer=False), flops_model=(model, None))]  # fmt: skip
 plain = rows[0]
 for row in rows:
-    print(f"{row.label:28s} {1e3 * row.seconds:8.2f} ms/sample  speed-up {row.speedup:.2f}x  FD {row.fd:.3f} "
+    print(f"{row.label:36s} {1e3 * row.seconds:8.2f} ms/sample  speed-up {row.speedup:.2f}x  FD {row.fd:.3f} "
           f"({row.fd / plain.fd:.2f}x float)", flush=True)

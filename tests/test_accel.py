@@ -472,7 +472,11 @@ def test_int8_kernels_run_the_calibrated_model_on_quantized_ops():
     simulated = accel.quantize(model, states, 8, 8)
     real = accel.int8_kernels(simulated)
     ops = [m for m in real.modules() if isinstance(m, (nnq.Conv2d, nnq.Linear))]
-    assert ops and not any(isinstance(m, quant_module.QuantLayer) for m in real.modules())
+    kept = [m for m in real.modules() if isinstance(m, quant_module.QuantLayer)]
+    assert ops and len(kept) == 1 and kept[0].layer.out_channels == 1  # the output convolution stays simulated
+    every = accel.int8_kernels(simulated, keep_output_layer=False)
+    assert not any(isinstance(m, quant_module.QuantLayer) for m in every.modules())
+    assert _relative_error(model, real, states) < _relative_error(model, every, states)
     sim_err, real_err = _relative_error(model, simulated, states), _relative_error(model, real, states)
     assert real_err < 0.05 and real_err < 2 * sim_err + 0.01, (sim_err, real_err)
     with torch.no_grad():

@@ -58,9 +58,12 @@ class Int8Layer(nn.Module):
         return self.op(xq).dequantize().to(x.dtype)
 
 
-def int8_kernels(quantized: QuantizedModel) -> QuantizedModel:
-    """`quantized` (from `quantize`, a_bits 8, one time group) with every layer on real int8 kernels (see the module
-    doc); a RuntimeError naming the alternative where this PyTorch build has no quantized CPU engine."""
+def int8_kernels(quantized: QuantizedModel, keep_output_layer: bool = True) -> QuantizedModel:
+    """`quantized` (from `quantize`, a_bits 8, one time group) with its layers on real int8 kernels (see the module
+    doc); a RuntimeError naming the alternative where this PyTorch build has no quantized CPU engine.
+
+    keep_output_layer: the network's last convolution stays simulated (same int8 input and weights, float output):
+    its output is the prediction itself, and requantizing that to 8 bits is the kernels' largest error."""
     if not isinstance(quantized, QuantizedModel):
         raise TypeError(f"int8_kernels needs a calibrated model from fewstep.accel.quantize, got {type(quantized).__name__}")
     if not _engines():
@@ -71,16 +74,19 @@ def int8_kernels(quantized: QuantizedModel) -> QuantizedModel:
         raise ValueError("int8_kernels needs quantize(..., a_bits=8, time_groups=1): the kernels take one uint8 input grid")
     if any(isinstance(m.layer, nn.Conv2d) and m.layer.padding_mode != "zeros" for m in layers):
         raise ValueError("int8_kernels supports zero-padded convolutions only")
-    return QuantizedModel(with_backbone(quantized.model, _replace(copy.deepcopy(net))), quantized.t_range)
+    net = copy.deepcopy(net)
+    convs = [m for m in net.modules() if isinstance(m, QuantLayer) and isinstance(m.layer, nn.Conv2d)]
+    keep = {id(convs[-1])} if keep_output_layer and convs else set()
+    return QuantizedModel(with_backbone(quantized.model, _replace(net, keep)), quantized.t_range)
 
 
-def _replace(net: nn.Module) -> nn.Module:
-    """net with each calibrated QuantLayer child (recursively) replaced by an Int8Layer, in place (a layer that no
-    calibration call reached stays, and raises its own error if it is ever called)."""
+def _replace(net: nn.Module, keep: set[int]) -> nn.Module:
+    """net with each calibrated QuantLayer child (recursively) not in `keep` (ids) replaced by an Int8Layer, in place
+    (a layer that no calibration call reached stays, and raises its own error if it is ever called)."""
     for name, child in net.named_children():
         if isinstance(child, QuantLayer):
-            if bool(torch.isfinite(child.out_range).all()):
+            if id(child) not in keep and bool(torch.isfinite(child.out_range).all()):
                 setattr(net, name, Int8Layer(child))
         else:
-            _replace(child)
+            _replace(child, keep)
     return net
