@@ -55,7 +55,7 @@ class Int8Layer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = torch.quantize_per_tensor(x.float().contiguous(), self.scale, self.zero_point, torch.quint8)
-        return self.op(xq).dequantize().to(x.dtype)
+        return self.op(xq).contiguous().dequantize().to(x.dtype)  # NCHW (copied as uint8): float ops are slow on NHWC
 
 
 def int8_kernels(quantized: QuantizedModel, keep_output_layer: bool = True) -> QuantizedModel:
