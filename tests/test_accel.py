@@ -240,6 +240,9 @@ def test_forecast_reuse_calls_extrapolate_the_last_two_refreshes(make):
         plain(x, t)
     plain._net.deep = expected
     assert torch.allclose(out, plain(x, t3), atol=1e-6)
+    cache(x, t2)  # a second computation at the same time replaces the first: no division by a zero time step
+    assert [t for t, _ in cache._net.history] == [float(ts[0]), float(ts[2])]
+    assert torch.isfinite(cache(x, t3)).all()
 
 
 @pytest.mark.parametrize("kind", ["deep", "adaptive"])

@@ -42,8 +42,8 @@ class _CachedNet(nn.Module):
         super().__init__()
         self.net, self.depth, self.order = net, depth, order
         self.refresh = True
-        self.time = 0.0  # the coordinate of the current call (set by FeatureCache), for forecasting
-        self.history: list[tuple[float, torch.Tensor]] = []  # (coordinate, deep feature) of the last refreshes
+        self.time = 0.0  # the time t of the current call (set by FeatureCache), for forecasting
+        self.history: list[tuple[float, torch.Tensor]] = []  # (t, deep feature) of the last refreshes
         self.policy: Policy | None = None
         self.deep: torch.Tensor | None = None
         self.counts = {"refresh": 0, "reuse": 0}
@@ -78,8 +78,9 @@ class _CachedNet(nn.Module):
         refresh = decided[0] if decided else force
         if refresh:
             self.deep = feature
-            if self.order:
-                self.history = ([] if stale else self.history[-self.order :]) + [(self.time, feature)]
+            if self.order:  # the last order + 1 computed features, at distinct times (a repeated time replaces)
+                kept = [] if stale else [(t, f) for t, f in self.history if t != self.time][-self.order :]
+                self.history = kept + [(self.time, feature)]
         self.counts["refresh" if refresh else "reuse"] += 1
         return (out,) if timestep is not None else out
 
@@ -167,7 +168,6 @@ class FeatureCache:
     def is_refresh(self, t: float) -> bool:
         """Whether a call at time t must recompute the deep features."""
         raise NotImplementedError
-
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
         t = torch.as_tensor(t)
