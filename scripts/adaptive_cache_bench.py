@@ -29,7 +29,7 @@ SWEEP, PAIRED = "--sweep" in sys.argv, "--paired" in sys.argv
 
 
 def adaptive(threshold, depth=1, max_reuse=None):
-    cache = accel.AdaptiveCache(model, threshold=threshold, depth=depth, max_reuse=max_reuse)
+    cache = accel.AdaptiveCache(model, threshold=threshold, depth=depth, max_reuse=max_reuse, forecast=0)  # plain reuse
     return cache, cache.plan
 
 
