@@ -35,7 +35,7 @@ def relative_l1(h: torch.Tensor, prev: torch.Tensor) -> float:
 
 
 class AdaptiveCache(FeatureCache):
-    """`AdaptiveCache(model, threshold=0.1, depth=1, max_reuse=3, forecast=1)`: a fewstep model `cache(x, t)` that
+    """`AdaptiveCache(model, threshold=0.1, depth=1, max_reuse=3, forecast=2)`: a fewstep model `cache(x, t)` that
     reuses (forecasts) the deep UNet features while the indicator's accumulated relative L1 change stays below `threshold`.
 
     model: as DeepCache's (fewstep UNet / DiffusersUNet, alone or in a DiffusionModel, or a diffusers UNet2DModel via
@@ -45,13 +45,14 @@ class AdaptiveCache(FeatureCache):
     `trace` on another model. Plan the sampler's grid before sampling:
     `with cache.plan(fewstep.accel.sampling_grid(process, steps, schedule)): fewstep.sample(cache, ...)`. `counts`
     holds refresh / reuse calls; `trace` one (t, accumulated change, refreshed) per call since the last plan / reset.
-    forecast: as DeepCache's (0 = reuse the last computed deep feature; 1, the default = extrapolate it linearly in t
-    from the last two). On digits_vp (DPM-Solver++(2M), 50 steps, 2,048 samples) threshold 0.1 with forecast 1 has FD
-    0.96x the plain model's at 2.41x fewer FLOPs (1.57x without forecasting); on the 28x28 MNIST UNet 1.23x (1.68x).
+    forecast: as DeepCache's (0 = reuse the last computed deep feature; k = extrapolate it in t by the polynomial
+    through the last k + 1; default 2). On digits_vp (DPM-Solver++(2M), 50 steps, 2,048 samples) threshold 0.1 has FD
+    1.57x / 0.96x / 0.91x the plain model's for forecast 0 / 1 / 2 at 2.41x fewer FLOPs; on the 28x28 MNIST UNet
+    1.68x without forecasting and 1.23x with forecast 1.
     """
 
     def __init__(
-        self, model: Callable, threshold: float = 0.1, depth: int = 1, max_reuse: int | None = 3, forecast: int = 1
+        self, model: Callable, threshold: float = 0.1, depth: int = 1, max_reuse: int | None = 3, forecast: int = 2
     ):
         super().__init__(model, depth, forecast)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:

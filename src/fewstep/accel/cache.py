@@ -177,7 +177,7 @@ class FeatureCache:
 
 
 class DeepCache(FeatureCache):
-    """`DeepCache(model, interval=3, depth=1, refresh="uniform", forecast=1)`: a fewstep model `cache(x, t)` with
+    """`DeepCache(model, interval=3, depth=1, refresh="uniform", forecast=2)`: a fewstep model `cache(x, t)` with
     feature caching.
 
     model: see `FeatureCache`.
@@ -189,12 +189,12 @@ class DeepCache(FeatureCache):
     / reuse calls so far. Of the conditioning (model_kwargs) only a diffusers UNet's encoder_hidden_states passes.
     forecast: 0 = a reusing call takes the last computed deep feature (DeepCache as published); k >= 1 = its forecast
     at the call's time by the degree-k polynomial through the last k + 1 computed ones (TaylorSeer, Liu et al., 2025;
-    see `forecast`). Default 1: on digits_vp (DPM-Solver++(2M), 50 steps, 2,048 samples) it takes the FD cost of
-    interval 2 from 1.29x to 1.02x and of interval 3 from 2.33x to 1.15x at the same refresh calls, and on the 28x28
-    MNIST UNet that of interval 2 from 1.32x to 1.05x (50 steps) and 2.02x to 1.37x (20 steps).
+    see `forecast`). Default 2. FD / plain of interval 2, depth 1 (DPM-Solver++(2M)) for forecast 0 / 1 / 2: digits_vp
+    (2,048 samples) 1.29 / 1.02 / 1.04 at 50 steps and 3.75 / 1.88 / 1.21 at 20; the 28x28 MNIST UNet (1,024 samples)
+    1.32 / 1.05 / 1.01 at 50 steps and 2.02 / 1.37 / 1.20 at 20 (order 3: 1.00, 1.16; on digits at 20 steps 1.33).
     """
 
-    def __init__(self, model: Callable, interval: int = 3, depth: int = 1, refresh: str = "uniform", forecast: int = 1):
+    def __init__(self, model: Callable, interval: int = 3, depth: int = 1, refresh: str = "uniform", forecast: int = 2):
         super().__init__(model, depth, forecast)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1 (1 = no caching), got interval={interval!r}")
