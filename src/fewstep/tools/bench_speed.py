@@ -125,7 +125,7 @@ def _cache(model, interval: int, depth: int, refresh: str = "uniform", compile_m
 
 GROUPS = ("cache", "forecast", "compile", "quant", "stitch")  # the row groups of `bench_speed` (besides the plain model)
 ADAPTIVE = ((0.02, None), (0.1, 3), (0.2, 3))  # (threshold, max_reuse): relative L1 of the depth-1 indicator
-FORECAST_DEEP = ((2, 1), (3, 1), (3, 2))  # (interval, depth) of the DeepCache rows with forecast 1
+FORECAST_DEEP = ((2, 1, 1), (2, 1, 2), (3, 1, 1), (3, 2, 1))  # (interval, depth, forecast order) of DeepCache rows
 FORECAST_ADAPTIVE = ((0.1, 3), (0.2, 3))  # (threshold, max_reuse) of the AdaptiveCache rows with forecast 1
 
 
@@ -185,10 +185,10 @@ def bench_speed(model_name: str = "digits_vp", solver: str = "dpmpp_2m", steps: 
             for interval in (2, 3):
                 propagation = accel.EncoderPropagation(model, interval=interval)
                 add(runner.run(f"Encoder propagation interval {interval}", "cache", propagation, propagation.plan))
-    if "forecast" in groups:  # TaylorSeer-style: the reused deep feature extrapolated linearly in t
-        for interval, depth in FORECAST_DEEP:
-            label = f"DeepCache interval {interval}, depth {depth}, forecast 1"
-            add(runner.run(label, "forecast", *_cache(model, interval, depth, forecast=1)))
+    if "forecast" in groups:  # TaylorSeer-style: the reused deep feature extrapolated in t
+        for interval, depth, order in FORECAST_DEEP:
+            label = f"DeepCache interval {interval}, depth {depth}, forecast {order}"
+            add(runner.run(label, "forecast", *_cache(model, interval, depth, forecast=order)))
         for threshold, max_reuse in FORECAST_ADAPTIVE:
             label = f"AdaptiveCache threshold {threshold:g}, max_reuse {max_reuse}, depth 1, forecast 1"
             add(runner.run(label, "forecast", *_adaptive(model, threshold, max_reuse, forecast=1)))
