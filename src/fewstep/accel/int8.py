@@ -22,15 +22,7 @@ from torch import nn
 
 from ..nets.model import DiffusionModel
 from .backbone import with_backbone
-from .quant import QuantizedModel, QuantLayer, _engines
-
-
-def _affine(lo: float, hi: float, levels: int) -> tuple[float, int]:
-    """(scale, zero point) of the uint8 affine grid of `levels` + 1 levels spanning [lo, hi] widened to hold 0,
-    as `QuantLayer._fake_quant`."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max(hi - lo, 1e-8) / levels
-    return scale, int(round(-lo / scale))
+from .quant import QuantizedModel, QuantLayer, _engines, affine_grid
 
 
 class Int8Layer(nn.Module):
@@ -39,7 +31,7 @@ class Int8Layer(nn.Module):
     def __init__(self, q: QuantLayer):
         super().__init__()
         layer = q.layer
-        self.scale, self.zero_point = _affine(float(q.lo[0]), float(q.hi[0]), 2**q.a_bits - 1)
+        self.scale, self.zero_point = affine_grid(float(q.lo[0]), float(q.hi[0]), 2**q.a_bits - 1)
         zero = torch.zeros(q.w_scale.numel(), dtype=torch.long)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
@@ -51,7 +43,7 @@ class Int8Layer(nn.Module):
             else:
                 self.op = nnq.Linear(layer.in_features, layer.out_features, bias is not None)
             self.op.set_weight_bias(weight, bias)
-        self.op.scale, self.op.zero_point = _affine(float(q.out_range[0]), float(q.out_range[1]), 255)
+        self.op.scale, self.op.zero_point = affine_grid(float(q.out_range[0]), float(q.out_range[1]), 255)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = torch.quantize_per_tensor(x.float().contiguous(), self.scale, self.zero_point, torch.quint8)

@@ -78,6 +78,13 @@ def _gptq(
     return out
 
 
+def affine_grid(lo: float, hi: float, levels: int) -> tuple[float, int]:
+    """(scale, zero point) of the unsigned affine grid 0..levels spanning [lo, hi] widened to hold 0."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max(hi - lo, 1e-8) / levels
+    return scale, int(round(-lo / scale))
+
+
 def _layer_inputs(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows [n, cols] the layer multiplies by its weight [out, cols]: x itself for a Linear, x's unfolded
     patches for a Conv2d (groups 1)."""
@@ -115,8 +122,8 @@ class QuantLayer(nn.Module):
         self.w_scale = _weight_scale(self.float_weight, bits, "mse" if self.weights == "gptq" else self.weights)
         q = 2 ** (bits - 1) - 1
         zero = torch.zeros_like(self.w_scale, dtype=torch.int32)
-        w = self.float_weight.float()
-        self.layer.weight.data = torch.fake_quantize_per_channel_affine(w, self.w_scale.float(), zero, 0, -q, q).to(w.dtype)
+        rounded = torch.fake_quantize_per_channel_affine(self.float_weight.float(), self.w_scale.float(), zero, 0, -q, q)
+        self.layer.weight.data = rounded.to(self.float_weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.group
@@ -139,9 +146,7 @@ class QuantLayer(nn.Module):
     def _fake_quant(self, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
         """x on the affine grid of 2^a_bits levels spanning [lo, hi] (widened to hold 0), values outside clipped."""
         levels = 2**self.a_bits - 1
-        lo, hi = min(lo, 0.0), max(hi, 0.0)
-        scale = max(hi - lo, 1e-8) / levels
-        return torch.fake_quantize_per_tensor_affine(x, scale, int(round(-lo / scale)), 0, levels)
+        return torch.fake_quantize_per_tensor_affine(x, *affine_grid(lo, hi, levels), 0, levels)
 
     def start(self) -> None:
         """Begin observing calibration inputs."""
