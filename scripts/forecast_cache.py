@@ -21,7 +21,7 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--batch", type=int, default=128)
 parser.add_argument("--orders", default="0,1,2")
 parser.add_argument("--configs", default="deep:2:1,deep:3:1,deep:3:2,adaptive:0.1:1",
-                    help="kind:interval-or-threshold:depth, comma-separated")  # fmt: skip
+                    help="kind:interval-or-threshold:depth[:refresh rule of deep], comma-separated")  # fmt: skip
 args = parser.parse_args()
 torch.set_num_threads(1)
 
@@ -46,10 +46,11 @@ with torch.no_grad():
     plain = fd(run(loaded.model))
     print(f"{args.model}, {args.steps} steps, {args.n} samples: plain FD {plain:.3f}", flush=True)
     for config in args.configs.split(","):
-        kind, strength, depth = config.split(":")
+        kind, strength, depth, *refresh = config.split(":")
         for order in (int(o) for o in args.orders.split(",")):
             if kind == "deep":
-                cache = accel.DeepCache(loaded.model, interval=int(strength), depth=int(depth), forecast=order)
+                cache = accel.DeepCache(loaded.model, interval=int(strength), depth=int(depth), forecast=order,
+                                        refresh=refresh[0] if refresh else "uniform")  # fmt: skip
             else:
                 cache = accel.AdaptiveCache(loaded.model, threshold=float(strength), depth=int(depth), forecast=order)
             with warnings.catch_warnings():
