@@ -575,7 +575,7 @@ def test_bench_speed_runs_the_chosen_groups_against_the_plain_model():
     assert small.flops < 0.5 * plain.flops  # half the channel widths
     stitched = [row.flops for row in result.rows[2:]]
     assert plain.flops > stitched[0] > stitched[1] > stitched[2] > small.flops  # more steps on the small model
-    assert "T-Stitch: first 40%" in report(result)
+    assert "T-Stitch: first 40%" in report(result) and "decide with --n 2048" in report(result)
     with pytest.raises(ValueError, match="groups: gpu not known; allowed values: cache, forecast, compile, quant, stitch"):
         bench_speed("digits_vp", groups=("gpu",))
     with warnings.catch_warnings():
