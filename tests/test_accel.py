@@ -489,6 +489,12 @@ def test_int8_kernels_run_the_calibrated_model_on_quantized_ops():
         accel.int8_kernels(accel.quantize(model, states, 8, 8, time_groups=2))
     with pytest.raises(TypeError, match="from fewstep.accel.quantize"):
         accel.int8_kernels(model)
+    from fewstep.accel import int8 as int8_module
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8_module, "_engines", lambda: [])
+        with pytest.raises(RuntimeError, match="no quantized CPU engine.*keep the simulated model"):
+            accel.int8_kernels(simulated)
 
 
 def test_quantization_bad_input(monkeypatch):
