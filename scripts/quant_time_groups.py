@@ -2,7 +2,7 @@
 timesteps / its middle one) and time groups (`fewstep.accel.quantize(..., time_groups=G)`), against the float model
 on the same noise; noise and calibration as `fewstep bench speed`:
 python scripts/quant_time_groups.py --n 2048 [--groups 1,4] [--bits 8,4] [--ranges mse,minmax] [--calibration all,mid]
-[--weights minmax,mse,gptq]"""
+[--weights minmax,gptq]"""
 
 import argparse
 import time
@@ -20,7 +20,7 @@ parser.add_argument("--groups", default="1")
 parser.add_argument("--bits", default="8,4", help="weight bits (activations 8)")
 parser.add_argument("--ranges", default="mse,minmax")
 parser.add_argument("--calibration", default="all,mid")
-parser.add_argument("--weights", default="minmax", help="weight rounding rules: minmax, mse, gptq")
+parser.add_argument("--weights", default="minmax", help="weight rounding rules: minmax, gptq")
 parser.add_argument("--steps", type=int, default=50)
 parser.add_argument("--n", type=int, default=2048)
 parser.add_argument("--seed", type=int, default=0, help="noise seed (0: the bench's)")

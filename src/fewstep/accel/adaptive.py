@@ -61,7 +61,6 @@ class AdaptiveCache(FeatureCache):
             raise ValueError(f"max_reuse must be None (no bound) or an integer >= 1, got max_reuse={max_reuse!r}")
         self.threshold, self.max_reuse = float(threshold), max_reuse
         self._net.policy = self._decide
-        self._t = math.nan  # the time of the call being decided, for the trace
         self.reset()
 
     def plan(self, ts: torch.Tensor) -> AdaptiveCache:
@@ -91,10 +90,6 @@ class AdaptiveCache(FeatureCache):
         ts = self._grid()
         return match_grid(ts, t) in (0, ts.numel() - 1)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self._t = float(torch.as_tensor(t).reshape(-1)[0])
-        return super().__call__(x, t)
-
     def _decide(self, h: torch.Tensor, force: bool) -> bool:
         """Given the deep branch's input h of this call: refresh (True) or reuse the cached deep feature (False)."""
         h = h.detach()
@@ -102,10 +97,10 @@ class AdaptiveCache(FeatureCache):
         same = prev is not None and prev.shape == h.shape and prev.dtype == h.dtype
         if force or not same:
             self._accumulated, self._run = 0.0, 0
-            self.trace.append((self._t, 0.0, True))
+            self.trace.append((self._net.time, 0.0, True))
             return True
         self._accumulated += relative_l1(h, prev)
         refresh = self._accumulated >= self.threshold or (self.max_reuse is not None and self._run >= self.max_reuse)
-        self.trace.append((self._t, self._accumulated, refresh))
+        self.trace.append((self._net.time, self._accumulated, refresh))
         self._accumulated, self._run = (0.0, 0) if refresh else (self._accumulated, self._run + 1)
         return refresh

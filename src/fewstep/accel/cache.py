@@ -171,8 +171,8 @@ class FeatureCache:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
         t = torch.as_tensor(t)
-        self._net.refresh = self.is_refresh(float(t.reshape(-1)[0]))
-        self._net.time = float(t.reshape(-1)[0])
+        self._net.time = float(t.reshape(-1)[0])  # the call's time: for the refresh decision, forecasts and traces
+        self._net.refresh = self.is_refresh(self._net.time)
         return self.model(x, t, **model_kwargs)
 
 
