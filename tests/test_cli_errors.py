@@ -248,3 +248,8 @@ def test_classifier_command_rejects_bad_arguments(in_tmp, args, capsys):
     with pytest.raises(SystemExit) as caught:
         main(["train", "--out", "c.safetensors", *args])
     assert caught.value.code == 2 and args[0] in capsys.readouterr().err
+    if args[0] == "--epochs":
+        args = ["--steps", args[1]]
+    with pytest.raises(SystemExit) as caught:
+        main(["train-noisy", "--out", "c.safetensors", *args])
+    assert caught.value.code == 2 and args[0] in capsys.readouterr().err

@@ -173,6 +173,18 @@ def test_shipped_classifier_held_out_accuracy():
     assert stats["class_entropy"] > 0.95 * math.log(10)  # the held-out classes are balanced
 
 
+def test_shipped_noisy_classifier_accuracy_falls_with_the_noise():
+    # Measured (python -m fewstep.tools.classifier train-noisy ..., 8000 steps, seed 0): held-out accuracy at log-SNR
+    # 3 / 0 / -3: see the asset's metadata; near the data it is as good as the clean classifier, at pure noise chance.
+    from fewstep.tools.classifier import load_noisy_classifier, noisy_accuracy
+
+    net, (_, (x_test, y_test)) = load_noisy_classifier(), digits_split()
+    accuracy = {level: noisy_accuracy(net, x_test, y_test, level) for level in (-12, -3, 0, 3, 12)}
+    assert accuracy[12] >= 0.97 and accuracy[3] >= 0.95
+    assert 0.5 < accuracy[0] < accuracy[3]
+    assert accuracy[-12] < 0.2  # chance is 0.1: no signal left
+
+
 def test_class_statistics_exact():
     logits = torch.tensor([[10.0, 0, 0], [0, 10.0, 0], [0, 10.0, 0], [0, 0, 10.0]])
     logits = torch.nn.functional.pad(logits, (0, 7), value=-1e9)

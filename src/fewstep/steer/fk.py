@@ -18,6 +18,12 @@ NeurIPS 2023). The weighted particles then still target p(x) exp(target_lam r(x)
 without the ratio (`correct_proposal=False`, or a guided model passed as `model`) they target whatever the guided
 sampler draws, tilted. The final step (to the data) is not guided: its transition is deterministic.
 
+Twist (`twist`): a value function of the noisy state, twist(x_t, t) -> [n], replaces the reward of the data prediction
+in the intermediate potentials, and its gradient replaces the reward's in the guidance: the twisted SMC of Wu et al.
+(above) with a learned twist, e.g. a noise-conditional classifier's log p(k | x_t) (Dhariwal & Nichol, NeurIPS 2021).
+With twist = log E[exp(target_lam r(x0)) | x_t] / lam exactly, every particle's weight stays uniform; an approximate
+twist only costs efficiency, since the final potential keeps the target exact.
+
 Particles: noise [B * K, ...] holds B groups of K consecutive particles; the result is [B, ...], one particle per
 group ("sample": drawn by the final weights, "best": the highest final reward).
 """
@@ -36,7 +42,7 @@ from ..sampling import sample
 from ..solvers import get_solver, reindex
 from .gradient import RewardGuided
 from .resampling import SCHEMES, ancestors, ess, log_mean_weight, normalized
-from .rewards import Reward, check_reward_fn, evaluate_reward
+from .rewards import Reward, Twist, check_reward_fn, evaluate_reward
 
 POTENTIALS = ("diff", "max", "add")
 SELECT = ("sample", "best")
@@ -57,7 +63,9 @@ class FK:
     (strength lam) only steer the particles, the final potential corrects to the target (target_lam = 1 with a
     classifier's log-probability: the class-conditional distribution p(x | k)); guidance: the scale of the
     reward-gradient proposal (0: none; see the module doc); correct_proposal: reweigh by the model's transition over
-    the guided one (needs an ancestral solver: ddpm, ddim_eta, euler_ancestral).
+    the guided one (needs an ancestral solver: ddpm, ddim_eta, euler_ancestral); twist: a value function
+    twist(x_t [n, ...], t [n]) -> [n] of the noisy state, used by the intermediate potentials and the guidance in place
+    of reward(x0_hat) (see the module doc; None: the reward of the step's data prediction).
     """
 
     reward: Reward
@@ -73,9 +81,12 @@ class FK:
     target_lam: float | None = None
     guidance: float = 0.0
     correct_proposal: bool = True
+    twist: Twist | None = None
 
     def __post_init__(self) -> None:
         check_reward_fn(self.reward)
+        if self.twist is not None:
+            check_reward_fn(self.twist, "twist")
         check_real(self.lam, "lam", positive=True)
         check_int(self.particles, "particles", minimum=1)
         check_int(self.every, "every", minimum=1)
@@ -210,7 +221,7 @@ def steered_sample(model: Model, noise: torch.Tensor, steering: FK, **sample_kwa
                 f"{', '.join(ANCESTRAL)}, got solver={solver!r} (or set correct_proposal=False)"
             )
         guided = RewardGuided(model, steering.reward, steering.guidance, process=process,
-                              prediction=sample_kwargs.get("prediction", "eps"))  # fmt: skip
+                              prediction=sample_kwargs.get("prediction", "eps"), twist=steering.twist)  # fmt: skip
         model = guided
 
     def hook(info: dict[str, Any]) -> torch.Tensor | None:
@@ -225,7 +236,7 @@ def steered_sample(model: Model, noise: torch.Tensor, steering: FK, **sample_kwa
         if info["x0"] is None or i == steps - 1 or (i + 1) % steering.every:
             return None  # the last step's potential is the final one, on the output
         scale = _signal_fraction(process, info["t"]) if steering.anneal else 1.0
-        state.weigh(evaluate_reward(steering.reward, info["x0"]), scale)
+        state.weigh(_intermediate_reward(steering, info), scale)
         state.reward_calls += 1
         return state.maybe_resample()
 
@@ -234,6 +245,15 @@ def steered_sample(model: Model, noise: torch.Tensor, steering: FK, **sample_kwa
     state.reward_calls += 1 + (guided.reward_calls if guided is not None else 0)
     state.finish(r)
     return _select(x, r, state)
+
+
+def _intermediate_reward(steering: FK, info: dict[str, Any]) -> torch.Tensor:
+    """The reward of the step's data prediction, or the twist of its state x at its time t (float64 [n])."""
+    if steering.twist is None:
+        return evaluate_reward(steering.reward, info["x0"])
+    x = info["x"]
+    t = torch.as_tensor(info["t"], dtype=torch.float64).to(x.device).expand(x.shape[0])
+    return evaluate_reward(lambda state: steering.twist(state, t), x, "twist")
 
 
 def _signal_fraction(process: Any, t: float) -> float:

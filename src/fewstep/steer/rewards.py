@@ -12,7 +12,10 @@ from collections.abc import Callable
 
 import torch
 
+from ..processes import Process
+
 Reward = Callable[[torch.Tensor], torch.Tensor]
+Twist = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # twist(x_t [batch, ...], t [batch]) -> [batch]
 
 
 def check_reward_fn(reward: object, name: str = "reward") -> Reward:
@@ -24,6 +27,7 @@ def check_reward_fn(reward: object, name: str = "reward") -> Reward:
 
 def evaluate_reward(reward: Reward, x0: torch.Tensor, name: str = "reward") -> torch.Tensor:
     """reward(x0) as float64 [batch] on the CPU; a ValueError naming `name` for a wrong shape, a non-real dtype or NaN.
+    (A twist is evaluated as `evaluate_reward(lambda x: twist(x, t), x_t, "twist")`.)
 
     One host synchronisation per call: steering and search decide on the host anyway. +-inf is allowed (a hard
     constraint: -inf removes a particle), NaN is not.
@@ -68,3 +72,24 @@ def class_log_prob(classifier: Callable[[torch.Tensor], torch.Tensor], k: int) -
         return torch.log_softmax(logits.to(torch.float64), dim=1)[:, k]
 
     return reward
+
+
+def noisy_class_log_prob(classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], k: int, process: Process) -> Twist:
+    """The twist log p(class k | x_t) under a noise-conditional `classifier(x, log_snr [batch]) -> logits [batch,
+    classes]` that sees x_t scaled to alpha^2 + sigma^2 = 1 (so one classifier serves VP, flow and VE-like processes):
+    classifier guidance (Dhariwal & Nichol, NeurIPS 2021) and the twist of class-conditional FK steering (`FK(...,
+    twist=...)`; the digits one is `fewstep.tools.bench_steer.digits_class_twist`). Returns twist(x_t, t [batch])."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be a class index (an integer >= 0), got k={k!r}")
+    if not isinstance(process, Process):
+        raise TypeError(f"process must be a fewstep Process, got {type(process).__name__}")
+
+    def twist(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = process.alpha(t).to(x), process.sigma(t).to(x)
+        scale = (alpha * alpha + sigma * sigma).rsqrt().view(-1, *[1] * (x.ndim - 1))
+        logits = classifier(x * scale, process.log_snr(t).to(x))
+        if logits.ndim != 2 or not k < logits.shape[1]:
+            raise ValueError(f"class k={k} is not among the classifier's {logits.shape[-1]} classes")
+        return torch.log_softmax(logits.to(torch.float64), dim=1)[:, k]
+
+    return twist

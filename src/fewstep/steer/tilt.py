@@ -2,7 +2,8 @@
 
 For p(x) = sum_k pi_k N(mu_k, S_k), p(x) exp(lam w . x) / Z is again a mixture: component k moves to
 mu_k + lam S_k w and is reweighted by exp(lam w . mu_k + lam^2 w' S_k w / 2); Z = E_p[exp(lam w . x)] is the sum of
-those weights. (Completing the square in each component.) Diagonal S_k as in `fewstep.gmm`; w [D].
+those weights. (Completing the square in each component.) Diagonal S_k as in `fewstep.gmm`; w [D]. The exact twist
+(the value function of the tilt on the noisy states) follows from the two mixtures' noisy marginals.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..gmm import GaussianMixture
+from ..processes import Process
+from .rewards import Twist
 
 
 def _log_weights(mixture: GaussianMixture, w: torch.Tensor, lam: float) -> torch.Tensor:
@@ -30,3 +33,18 @@ def log_normalizer(mixture: GaussianMixture, w: torch.Tensor, lam: float) -> flo
     """log E_p[exp(lam w . x)], exact."""
     w = torch.as_tensor(w, dtype=torch.float64).flatten()
     return float(torch.logsumexp(_log_weights(mixture, w, lam), 0))
+
+
+def exact_twist(mixture: GaussianMixture, w: torch.Tensor, lam: float, process: Process) -> Twist:
+    """The exact twist of the linear tilt, twist(x_t, t) = log E[exp(lam w . x0) | x_t] / lam = (log p~_t(x_t) -
+    log p_t(x_t) + log Z) / lam, where p~ is the tilted mixture: with `FK(linear(w), lam=lam, twist=...)` every
+    particle's weight stays uniform up to the time discretisation, and with guidance lam the guided model is the
+    tilted mixture's own (Wu et al., NeurIPS 2023: the optimal twisting function). x_t [n, D], t [n] -> [n]."""
+    tilted, log_z = tilted_mixture(mixture, w, lam), log_normalizer(mixture, w, lam)
+
+    def twist(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = process.alpha(t), process.sigma(t)
+        log_h = tilted.log_prob(x, alpha, sigma).double() - mixture.log_prob(x, alpha, sigma).double() + log_z
+        return log_h / lam
+
+    return twist

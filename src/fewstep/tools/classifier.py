@@ -1,9 +1,14 @@
-"""A small CNN classifier of the 8x8 scikit-learn digits: the feature extractor of the digits sample metrics.
+"""Small CNN classifiers of the 8x8 scikit-learn digits: the feature extractor of the digits sample metrics, and a
+noise-conditional one for steering.
 
-It plays the role Inception-v3 plays for FID (Heusel et al., NeurIPS 2017) on a dataset small enough to train on a
-CPU in a minute. Images are [n, 1, 8, 8] (or [n, 64], [n, 8, 8]) scaled to [-1, 1]; features are [n, 64];
-logits [n, 10]. The shipped weights live in `fewstep/assets/digits_classifier.safetensors` and were made with
+The clean classifier plays the role Inception-v3 plays for FID (Heusel et al., NeurIPS 2017) on a dataset small enough
+to train on a CPU in a minute. Images are [n, 1, 8, 8] (or [n, 64], [n, 8, 8]) scaled to [-1, 1]; features are
+[n, 64]; logits [n, 10]. The noise-conditional classifier p(k | x_t) (Dhariwal & Nichol, "Diffusion Models Beat GANs
+on Image Synthesis", NeurIPS 2021) sees noised digits x_t = alpha x0 + sigma eps scaled to alpha^2 + sigma^2 = 1 and
+their log-SNR, so one network serves every process: the twist of class-conditional FK steering
+(`fewstep.steer.noisy_class_log_prob`). The shipped weights live in `fewstep/assets/` and were made with
     python -m fewstep.tools.classifier train --out src/fewstep/assets/digits_classifier.safetensors
+    python -m fewstep.tools.classifier train-noisy --out src/fewstep/assets/digits_noisy_classifier.safetensors
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from ..io import atomic_write
 FEATURES = 64
 CLASSES = 10
 SHIPPED = "digits_classifier.safetensors"
+NOISY_SHIPPED = "digits_noisy_classifier.safetensors"
+LOG_SNR_RANGE = (-12.0, 12.0)  # the noise-conditional classifier's training range (uniform in log-SNR)
 
 
 class DigitsClassifier(nn.Module):
@@ -54,6 +61,35 @@ class DigitsClassifier(nn.Module):
         return self.head(F.dropout(F.relu(self.features(x)), 0.3, self.training))
 
 
+class NoisyDigitsClassifier(nn.Module):
+    """p(class | x_t, log-SNR): conv(64) - conv(64) - maxpool - conv(64) - MLP(128) - 10 logits; the log-SNR enters as a
+    constant input channel and, as a Fourier embedding, beside the convolutional features."""
+
+    def __init__(self, width: int = 64, frequencies: int = 8):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(2, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.SiLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.SiLU(),
+        )
+        self.register_buffer("freq", torch.linspace(0.05, 1.5, frequencies))
+        self.head = nn.Sequential(nn.Linear(width * 16 + 2 * frequencies, 128), nn.SiLU(), nn.Linear(128, CLASSES))
+
+    def forward(self, x: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:
+        """Logits [n, 10] of noised digits x [n, 64 | 8, 8 | 1, 8, 8] (alpha^2 + sigma^2 = 1) at log-SNR [n] or []."""
+        x = as_images(x)
+        log_snr = torch.as_tensor(log_snr, dtype=torch.float32, device=x.device).expand(x.shape[0])
+        log_snr = log_snr.clamp(*LOG_SNR_RANGE)  # -inf at pure noise, +inf at the data
+        level = (log_snr / 10)[:, None, None, None].expand_as(x)
+        angles = log_snr[:, None] * self.freq
+        h = self.conv(torch.cat([x, level], 1)).flatten(1)
+        return self.head(torch.cat([h, angles.sin(), angles.cos()], 1))
+
+
 def as_images(x: torch.Tensor) -> torch.Tensor:
     """Digits [n, 64], [n, 8, 8] or [n, 1, 8, 8] as float32 [n, 1, 8, 8]."""
     if not isinstance(x, torch.Tensor) or x.ndim < 2 or x[0].numel() != 64:
@@ -65,12 +101,22 @@ def as_images(x: torch.Tensor) -> torch.Tensor:
 @lru_cache(maxsize=1)
 def load_classifier(path: str | None = None) -> DigitsClassifier:
     """The shipped (or the given) classifier in eval mode, on the CPU."""
-    if path is None:
-        with resources.as_file(resources.files("fewstep.assets") / SHIPPED) as p:
+    return _load(DigitsClassifier(), SHIPPED if path is None else path, path is None)
+
+
+@lru_cache(maxsize=1)
+def load_noisy_classifier(path: str | None = None) -> NoisyDigitsClassifier:
+    """The shipped (or the given) noise-conditional classifier in eval mode, on the CPU."""
+    return _load(NoisyDigitsClassifier(), NOISY_SHIPPED if path is None else path, path is None)
+
+
+def _load(net: nn.Module, name: str, shipped: bool) -> nn.Module:
+    """net with the weights of a shipped asset (or a file), in eval mode without gradients."""
+    if shipped:
+        with resources.as_file(resources.files("fewstep.assets") / name) as p:
             state = load_file(str(p))
     else:
-        state = load_file(path)
-    net = DigitsClassifier()
+        state = load_file(name)
     net.load_state_dict(state)
     return net.eval().requires_grad_(False)
 
@@ -146,6 +192,50 @@ def train_classifier(epochs: int = 40, seed: int = 0, log: bool = True) -> tuple
     return net, class_statistics(features_and_logits(x_test, net)[1], y_test)["accuracy"]
 
 
+def noise_digits(x0: torch.Tensor, log_snr: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """x_t = alpha x0 + sigma eps with alpha^2 = sigmoid(log_snr), sigma^2 = sigmoid(-log_snr): x0 [n, 1, 8, 8]."""
+    alpha, sigma = (torch.sigmoid(log_snr).sqrt(), torch.sigmoid(-log_snr).sqrt())
+    eps = torch.randn(x0.shape, generator=generator)
+    return alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
+
+
+@torch.no_grad()
+def noisy_accuracy(net: NoisyDigitsClassifier, x: torch.Tensor, y: torch.Tensor, log_snr: float, seed: int = 1) -> float:
+    """Accuracy of the noise-conditional classifier on digits x [n, 1, 8, 8] noised to one log-SNR."""
+    level = torch.full((len(x),), float(log_snr))
+    xt = noise_digits(as_images(x), level, torch.Generator().manual_seed(seed))
+    return float((net(xt, level).argmax(1) == y).to(torch.float64).mean())
+
+
+def train_noisy_classifier(steps: int = 8000, seed: int = 0, log: bool = True) -> tuple[NoisyDigitsClassifier, dict]:
+    """Train p(k | x_t, log-SNR) on the digits training split (shifts, log-SNR uniform in LOG_SNR_RANGE, batch 256);
+    returns (net, held-out accuracy at log-SNR -3, 0, 3)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    (x_train, y_train), (x_test, y_test) = digits_split()
+    x_train = as_images(x_train)
+    net = NoisyDigitsClassifier()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    lo, hi = LOG_SNR_RANGE
+    for step in range(steps):
+        idx = torch.randint(0, len(x_train), (256,), generator=g)
+        level = lo + (hi - lo) * torch.rand(len(idx), generator=g)
+        loss = F.cross_entropy(net(noise_digits(_shift(x_train[idx], g), level, g), level), y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log and (step + 1) % 1000 == 0:
+            net.eval()
+            accs = {lvl: noisy_accuracy(net, x_test, y_test, lvl) for lvl in (-3, 0, 3)}
+            net.train()
+            print(f"step {step + 1}: loss {loss.item():.4f}, held-out accuracy at log-SNR -3 / 0 / 3: "
+                  + " / ".join(f"{a:.3f}" for a in accs.values()))  # fmt: skip
+    net.eval()
+    return net, {f"accuracy_log_snr_{lvl}": noisy_accuracy(net, x_test, y_test, lvl) for lvl in (-3, 0, 3)}
+
+
 def _int_in(lo: int, hi: int):
     """An argparse type: an integer in [lo, hi] (else a usage error, exit 2)."""
 
@@ -164,20 +254,28 @@ def _int_in(lo: int, hi: int):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fewstep.tools.classifier", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train the digits classifier and save its weights")
-    train.add_argument("--out", type=Path, required=True, help="output .safetensors file")
-    train.add_argument("--epochs", type=_int_in(1, 100_000), default=40)
-    train.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
+    commands = {"train": ("train the digits classifier and save its weights", "--epochs", 40),
+                "train-noisy": ("train the noise-conditional digits classifier and save its weights", "--steps", 8000)}
+    for name, (text, length, default) in commands.items():
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--out", type=Path, required=True, help="output .safetensors file")
+        cmd.add_argument(length, type=_int_in(1, 10_000_000), default=default)
+        cmd.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
     args = parser.parse_args(argv)
+    command = sub.choices[args.command]
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        train.error(f"argument --out: cannot create the folder {args.out.parent}: {err.strerror or err}")
+        command.error(f"argument --out: cannot create the folder {args.out.parent}: {err.strerror or err}")
     if args.out.is_dir():
-        train.error(f"argument --out: {args.out} is a folder; give a .safetensors file name")
+        command.error(f"argument --out: {args.out} is a folder; give a .safetensors file name")
     start = time.perf_counter()
-    net, acc = train_classifier(args.epochs, args.seed)
-    meta = {"held_out_accuracy": f"{acc:.4f}", "epochs": str(args.epochs), "seed": str(args.seed)}
+    if args.command == "train":
+        net, acc = train_classifier(args.epochs, args.seed)
+        meta = {"held_out_accuracy": f"{acc:.4f}", "epochs": str(args.epochs), "seed": str(args.seed)}
+    else:
+        net, accs = train_noisy_classifier(args.steps, args.seed)
+        meta = {**{k: f"{v:.4f}" for k, v in accs.items()}, "steps": str(args.steps), "seed": str(args.seed)}
     weights = {k: v.contiguous() for k, v in net.state_dict().items()}
     atomic_write(Path(args.out), lambda tmp: save_file(weights, str(tmp), metadata=meta))
     print(json.dumps({**meta, "seconds": round(time.perf_counter() - start, 1), "out": str(args.out)}))
