@@ -353,6 +353,48 @@ def test_bf16_and_channels_last_inference():
     assert model.net.inp.weight.is_contiguous()  # the caller's network is not converted to channels_last
 
 
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "ipndm", "heun", "dpmpp_2s", "lms",
+                                    "dc_solver"])  # fmt: skip
+def test_linear_plan_is_the_solver_itself(solver):
+    # the plan read off the solver reproduces fewstep.sample on the exact mixture's model to round-off
+    mixture, process = fewstep.ring2d(), fewstep.DiscreteVP.linear()
+    plan = accel.LinearPlan.of(process, solver, 7)
+    noise = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected = fewstep.sample(mixture.model(process), noise, process=process, solver=solver, steps=7)
+    assert plan.nfe == expected.nfe
+    assert float((plan.run(mixture.model(process), noise, process, "eps") - expected).abs().max()) < 1e-12
+
+
+def test_compiled_loop_is_one_graph_and_matches_sample():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model, noise = _unet_model(), _noise()
+    counter = CompileCounter()
+    sampler = accel.compile_sampler(model, model.process, solver="dpmpp_2m", steps=6, backend=counter,
+                                    schedule="quadratic")  # fmt: skip
+    out = sampler(noise)
+    assert counter.frame_count == 1 and out.nfe == 7  # the whole run, 7 network calls, in one graph
+    with torch.no_grad():
+        eager = fewstep.sample(model, noise, process=model.process, solver="dpmpp_2m", steps=6, schedule="quadratic")
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    sampler(noise)
+    assert counter.frame_count == 1  # no recompilation on the next call
+
+
+def test_compiled_loop_refuses_what_is_not_a_fixed_linear_run():
+    process = fewstep.DiscreteVP.linear()
+    for solver in ("ddpm", "euler_ancestral"):
+        with pytest.raises(ValueError, match=f"solver='{solver}' with these options is not linear"):
+            accel.LinearPlan.of(process, solver, 5)
+    with pytest.raises(ValueError, match="x0_fn is not supported"):
+        accel.LinearPlan.of(process, "ddim", 5, x0_fn=fewstep.StaticClipping())
+    with pytest.raises(ValueError, match="solver='auto'"):
+        accel.LinearPlan.of(process, "auto", 5)
+    with pytest.raises(ValueError, match="mode="):
+        accel.compile_sampler(_unet_model(), process, mode="fastest")
+
+
 def test_compile_bad_input():
     model = _unet_model()
     with pytest.raises(ValueError, match="reduce-overhead"):
