@@ -635,6 +635,18 @@ def test_bench_speed_runs_the_chosen_groups_against_the_plain_model():
     assert all(row.group == "forecast" and row.flops < result.rows[0].flops for row in rows)
 
 
+def test_bench_speed_times_a_whole_compiled_loop_like_a_model():
+    from fewstep.shipped import load_model
+    from fewstep.tools.bench_speed import _Runner
+
+    loaded = load_model("digits_vp")
+    noise = _noise(8)
+    runner = _Runner(loaded, "dpmpp_2m", 4, noise, 4, lambda x: float(x.std()), baseline=loaded.model)
+    loop = accel.compile_sampler(loaded.model, loaded.process, loaded.prediction, "dpmpp_2m", 4, mode=None)
+    plain, row = runner.run("plain", "plain", loaded.model), runner.run("loop", "compile", loop, flops=1.0)
+    assert row.nfe == plain.nfe == 5 and row.fd == pytest.approx(plain.fd, rel=1e-5)  # the same samples
+
+
 def test_pooled_fd_separates_real_from_shuffled_images():
     from fewstep.data import load_dataset
     from fewstep.tools.bench_learned import pooled_digits_fd

@@ -38,6 +38,7 @@ from .. import accel
 from ..accel.backbone import backbone_of
 from ..io import atomic_write_text, save_figure
 from ..sampling import sample
+from ..solvers import get_solver
 
 
 @dataclass
@@ -80,6 +81,8 @@ class _Runner:
         self.ts = accel.sampling_grid(loaded.process, steps, options.get("schedule"))
 
     def _sample(self, model: Callable, noise: torch.Tensor, prepare: Callable | None) -> torch.Tensor:
+        if isinstance(getattr(model, "plan", None), accel.LinearPlan):  # a whole compiled run: noise -> x0
+            return model(noise)
         if prepare is not None:
             prepare(self.ts)
         seed = next(i for i, chunk in enumerate(self.chunks) if chunk is noise)  # a stochastic sampler's noise per chunk
@@ -205,6 +208,9 @@ def bench_speed(model_name: str = "digits_vp", solver: str = "dpmpp_2m", steps: 
                        flops=plain_flops))  # fmt: skip
         add(runner.run("torch.compile + bf16 + channels_last", "compile",
                        accel.compile_model(model, dtype="bf16", channels_last=True), flops=plain_flops))  # fmt: skip
+        if not get_solver(solver).stochastic:  # the whole run as one graph (a deterministic solver's LinearPlan)
+            loop = accel.compile_sampler(model, loaded.process, loaded.prediction, solver, steps, **runner.options)
+            add(runner.run("torch.compile of the whole sampling loop", "compile", loop, flops=plain_flops))
         if "cache" in groups:
             cached = runner.run("DeepCache i2 d1 + torch.compile", "combo", *_cache(model, 2, 1, compile_mode="default"),
                                 flops=next(r.flops for r in rows if r.label == "DeepCache interval 2, depth 1"))  # fmt: skip
