@@ -265,6 +265,16 @@ def test_exact_twist_guidance_is_the_tilted_mixtures_own_model():
     assert (at_data - x @ W).abs().max() < 1e-3
 
 
+def test_guidance_leaves_a_flow_unguided_at_pure_noise():
+    # alpha(1) = 0 on rectified flow: no signal to guide there (the x0 shift would be infinite); elsewhere it guides
+    flow, x = fewstep.RectifiedFlow(), _noise(4)
+    model = RING.model(flow, "velocity")
+    guided = RewardGuided(model, linear(W), 1.0, process=flow, prediction="velocity", twist=exact_twist(RING, W, 1.0, flow))
+    at_noise, mid = torch.ones(4, dtype=torch.float64), torch.full((4,), 0.5, dtype=torch.float64)
+    assert torch.equal(guided(x, at_noise), model(x, at_noise))
+    assert float((guided(x, mid) - model(x, mid)).abs().max()) > 1e-3
+
+
 def test_fk_with_the_exact_twist_samples_the_tilt_with_one_particle():
     tilted = tilted_mixture(RING, W, LAM)
     reference = tilted.sample(2000, torch.Generator().manual_seed(1))

@@ -1,8 +1,9 @@
 """Cheaper network evaluations: feature caching (DeepCache; adaptive, TeaCache / First-Block-Cache style; both
 optionally forecasting the cached feature, TaylorSeer style; Faster Diffusion's encoder propagation), compiled /
-bf16 inference, the whole sampling loop as one compiled graph (`compile_sampler`), post-training quantization, and T-Stitch (a small model for the early steps). Every method wraps a
-fewstep model `model(x, t)` and composes with every solver, since it decides by the call's time t (and the adaptive
-cache by its input's change), never by counting calls.
+bf16 inference, the whole sampling loop as one compiled graph (`compile_sampler`), post-training quantization, and
+T-Stitch (a small model for the early steps). Every method wraps a fewstep model `model(x, t)` and composes with every
+solver, since it decides by the call's time t (and the adaptive cache by its input's change), never by counting
+calls.
 """
 
 from .adaptive import AdaptiveCache

@@ -6,7 +6,7 @@ reward guidance of universal guidance / DPS-style samplers (Bansal et al., "Univ
 2023; Chung et al., "Diffusion Posterior Sampling", ICLR 2023) and the gradient proposal that FK steering combines
 with particles (Singhal et al., 2025). For a Gaussian data distribution and a linear reward it is exact: the sampler
 then draws from p(x) exp(scale * r(x)) / Z. Each call costs one forward and one backward pass of the model and one
-reward evaluation (counted in `reward_calls`). Needs alpha(t) > 0 at the evaluated times.
+reward evaluation (counted in `reward_calls`). Where alpha(t) = 0 (a flow's pure noise) the model is left unguided.
 
 With a `twist` (a value function of the noisy state, twist(x_t, t) -> [batch], e.g. a noise-conditional classifier's
 log p(k | x_t)) the gradient is grad_x twist(x_t, t) instead: classifier guidance (Dhariwal & Nichol, "Diffusion
@@ -60,9 +60,9 @@ class RewardGuided:
                 xg = x.detach().requires_grad_(True)
                 grad = _gradient(self.twist(xg, t), xg, "twist")
         self.reward_calls += 1
-        grad = grad.to(x.dtype)
+        grad = torch.where(c.alpha > 0, grad.to(x.dtype), 0.0)  # alpha = 0 (a flow's pure noise): no signal to guide
         eps = eps.detach() - self.scale * c.sigma * grad
-        self.last_x0_shift = self.scale * c.sigma**2 / c.alpha * grad
+        self.last_x0_shift = self.scale * c.sigma**2 / c.alpha.clamp_min(torch.finfo(c.alpha.dtype).tiny) * grad
         x0 = x0.detach() + self.last_x0_shift
         return from_x0_eps(x0, eps, self.prediction, c).detach().to(x.dtype)
 
