@@ -1,9 +1,11 @@
-"""`fewstep bench steer`: inference-time control measured (FK steering, best-of-N, inversion).
+"""`fewstep bench steer`: inference-time control measured (FK steering, guidance, best-of-N, inversion).
 
-1. Digits: the unconditional shipped model steered to class k by FK steering (Singhal et al., 2025) with the digits
-   classifier's log p(k | x0) as reward: class accuracy (by the classifier) and Frechet distance in its features to
-   real digits of class k, beside the real-class reference (FD between two disjoint halves of the real class-k
-   digits, the same sample sizes), unsteered sampling and best-of-N at the same particle count (Ma et al., 2025).
+1. Digits: the unconditional shipped model steered to class k (target p(x | k)) by FK steering (Singhal et al., 2025)
+   twisted by the shipped noise-conditional classifier's log p(k | x_t) (twisted SMC, Wu et al., 2023), by FK with
+   the clean classifier's log p(k | x0) on the data prediction, and by guidance, best-of-N (Ma et al., 2025) and
+   unsteered sampling: class accuracy (by the clean classifier) and Frechet distance in its features to real digits of
+   class k, as a ratio to the real-class reference (FD between two disjoint halves of the real class-k digits, the same
+   sample sizes), averaged over seeds (each draws the noise and the halves).
 2. Exact bed: FK steering of ring2d toward exp(lam w . x): energy distance to the exact tilted mixture and the error
    of the log normalising-constant estimate as the particles grow.
 3. Inversion: reconstruction error (invert, then regenerate) of DDIM inversion and exact BDIA at 10 steps, float64,
