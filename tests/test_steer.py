@@ -20,7 +20,7 @@ from fewstep.steer import (
     log_normalizer,
     noisy_class_log_prob,
     regenerate,
-    tilted_mixture,  # fmt: skip
+    tilted_mixture,
     zero_order_search,
 )
 from fewstep.steer.gradient import RewardGuided

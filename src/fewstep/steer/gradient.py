@@ -24,8 +24,9 @@ from .rewards import Reward, Twist, check_reward_fn
 
 
 class RewardGuided:
-    """`RewardGuided(model, reward, scale, process=..., prediction=...)(x [batch, ...], t [batch])` -> the guided
-    prediction in the model's own parameterization; pass it to `fewstep.sample` (or FK steering) as the model."""
+    """`RewardGuided(model, reward, scale, process=..., prediction=..., twist=None)(x [batch, ...], t [batch])` -> the
+    guided prediction in the model's own parameterization; pass it to `fewstep.sample` (or FK steering) as the model.
+    With `twist` the gradient is the twist's (classifier guidance; see the module doc)."""
 
     def __init__(self, model: Model, reward: Reward, scale: float, *, process: Process, prediction: str = "eps",
                  twist: Twist | None = None):  # fmt: skip

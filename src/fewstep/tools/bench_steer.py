@@ -38,7 +38,7 @@ from ..steer import (
     log_normalizer,
     noisy_class_log_prob,
     regenerate,
-    tilted_mixture,  # fmt: skip
+    tilted_mixture,
 )
 from ..steer.rewards import Reward, Twist, class_log_prob
 from .classifier import features_and_logits, load_classifier, load_noisy_classifier

@@ -20,6 +20,7 @@ import time
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -165,16 +166,20 @@ def _shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return padded[:, :, dy : dy + 8, dx : dx + 8]
 
 
+def _optimizer(net: nn.Module, total_steps: int, seed: int) -> tuple[torch.Generator, torch.optim.Optimizer, Any]:
+    """(data generator, AdamW, one-cycle schedule at lr 2e-3) of a classifier's training run."""
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=total_steps)
+    return torch.Generator().manual_seed(seed), opt, sched
+
+
 def train_classifier(epochs: int = 40, seed: int = 0, log: bool = True) -> tuple[DigitsClassifier, float]:
     """Train on the digits training split with shifts and noise; returns (net, held-out accuracy)."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    (x_train, y_train), (x_test, y_test) = digits_split()
-    x_train = as_images(x_train)
+    torch.manual_seed(seed)  # the initial weights
     net = DigitsClassifier()
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    steps_per_epoch = math.ceil(len(x_train) / 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * steps_per_epoch)
+    (x_train, y_train), (x_test, y_test) = digits_split()
+    g, opt, sched = _optimizer(net, epochs * math.ceil(len(x_train) / 64), seed)
+    x_train = as_images(x_train)
     for epoch in range(epochs):
         net.train()
         for idx in torch.randperm(len(x_train), generator=g).split(64):
@@ -210,13 +215,11 @@ def noisy_accuracy(net: NoisyDigitsClassifier, x: torch.Tensor, y: torch.Tensor,
 def train_noisy_classifier(steps: int = 8000, seed: int = 0, log: bool = True) -> tuple[NoisyDigitsClassifier, dict]:
     """Train p(k | x_t, log-SNR) on the digits training split (shifts, log-SNR uniform in LOG_SNR_RANGE, batch 256);
     returns (net, held-out accuracy at log-SNR -3, 0, 3)."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    (x_train, y_train), (x_test, y_test) = digits_split()
-    x_train = as_images(x_train)
+    torch.manual_seed(seed)  # the initial weights
     net = NoisyDigitsClassifier()
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    (x_train, y_train), (x_test, y_test) = digits_split()
+    g, opt, sched = _optimizer(net, steps, seed)
+    x_train = as_images(x_train)
     lo, hi = LOG_SNR_RANGE
     for step in range(steps):
         idx = torch.randint(0, len(x_train), (256,), generator=g)
