@@ -279,6 +279,7 @@ def bench_learned_command(
     n: int = typer.Option(256, min=2, max=100_000, help="Samples (report noise)."),
     seed: int = typer.Option(2, min=0, max=MAX_SEED, help="Seed of the report noise (the tuning used 0 and 1)."),
     no_peers: bool = typer.Option(False, "--no-peers", help="Skip diffusers and k-diffusion."),
+    reference_steps: int = typer.Option(200, min=10, max=100_000, help="Steps of the DPM-Solver++(2M) reference."),
     reuse: list[Path] = typer.Option(
         None,
         help="learned.json of an earlier run on the same noise: its fixed and peer "
@@ -307,9 +308,11 @@ def bench_learned_command(
             ) from err
     start = time.perf_counter()
     with usage_errors(options={"nfes": "--nfes", "nfe": "--nfes", "reference": "--models", "reuse": "--reuse"}):
-        results = bl.bench_learned(names, budget, n=n, seed=seed, peers=not no_peers, reuse=earlier, log=console.print)
+        results = bl.bench_learned(names, budget, n=n, seed=seed, peers=not no_peers, reuse=earlier,
+                                   reference_steps=reference_steps, log=console.print)  # fmt: skip
     text = bl.report(results, bands=LEARNED_BANDS)
     command = f"fewstep bench learned --models {','.join(names)} --nfes {nfes} --n {n} --seed {seed}"
+    command += f" --reference-steps {reference_steps}" * (reference_steps != 200)
     text += f"\n`{command}`: {time.perf_counter() - start:.0f} s in all\n"
     atomic_write_text(out / "learned.md", text)
     atomic_write_text(out / "learned.json", json.dumps([r.to_dict() for r in results], indent=1, default=str))

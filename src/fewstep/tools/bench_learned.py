@@ -266,6 +266,7 @@ def bench_learned(
     seed: int = 2,
     peers: bool = True,
     reuse: Sequence[LearnedResult] = (),
+    reference_steps: int = 200,
     log: Callable[[str], None] | None = None,
 ) -> list[LearnedResult]:
     """`bench_model` on shipped models (or checkpoints) by name, from standard normal noise of `seed`, with FD;
@@ -281,7 +282,7 @@ def bench_learned(
         noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
         earlier = next((r for r in reuse if r.model == name), None)
         results.append(bench_model(name, loaded.model, loaded.process, loaded.prediction, nfes, noise, fd=fd, peers=peers,
-                                   seed=seed, reuse=earlier, log=log))  # fmt: skip
+                                   seed=seed, reuse=earlier, reference_steps=reference_steps, log=log))  # fmt: skip
     return results
 
 
