@@ -9,8 +9,9 @@ their log-SNR, so one network serves every process: the twist of class-condition
 (`fewstep.steer.noisy_class_log_prob`). The shipped weights live in `fewstep/assets/` and were made with
     python -m fewstep.tools.classifier train --out src/fewstep/assets/digits_classifier.safetensors
     python -m fewstep.tools.classifier train-noisy --out src/fewstep/assets/digits_noisy_classifier.safetensors
-The noise-conditional weights retrain bit for bit (torch 2.13, one thread); the clean classifier's were made with an
-earlier torch and retrain to the same held-out accuracy (1.000) with different weights (max difference 0.24).
+The noise-conditional weights retrain bit for bit (torch 2.13, one thread); the clean classifier's were made in
+another environment (torch version or thread count) and retrain to the same held-out accuracy (1.000) with different
+weights (max difference 0.24).
 """
 
 from __future__ import annotations
