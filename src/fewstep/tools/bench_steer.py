@@ -98,9 +98,14 @@ def digits_class_twist(k: int, process: Process) -> Twist:
 
 
 METHODS = {  # row key: what the table calls it
-    "fk_twist": "FK + twist", "fk_guided": "FK + x0 gradient", "fk": "FK alone", "classifier_guided": "classifier "
-    "guidance", "guided": "x0-gradient guidance", "best_of_n": "best-of-N", "plain": "plain",
-}  # fmt: skip
+    "fk_twist": "FK + twist",
+    "fk_guided": "FK + x0 gradient",
+    "fk": "FK alone",
+    "classifier_guided": "classifier guidance",
+    "guided": "x0-gradient guidance",
+    "best_of_n": "best-of-N",
+    "plain": "plain",
+}
 
 
 def steer_digits(
