@@ -339,6 +339,15 @@ def tune_command(
         max=100_000,
         help="Adam iterations of the chosen configuration's learned corrections (time shift, noise scaling, mixing; 0: none).",
     ),  # fmt: skip
+    calibrate_top: int = typer.Option(
+        2, min=1, max=1000, help="How many of the best configurations get corrections fitted (the lowest error wins)."
+    ),  # fmt: skip
+    confirm_samples: int = typer.Option(
+        256, min=2, max=100_000, help="Samples of the confirmation batch (seed + 1) that ranks the best few and stops the fit."
+    ),  # fmt: skip
+    calibrate_samples: int = typer.Option(
+        None, min=2, max=100_000, help="Samples (of --seed) the corrections are fitted on (default: --confirm-samples)."
+    ),  # fmt: skip
     correct_only: bool = typer.Option(
         False,
         "--correct-only",
@@ -374,11 +383,13 @@ def tune_command(
                 )
             tuning = correct(loaded.model, loaded.model.tuning, loaded.process, loaded.prediction, shape=shape,
                              nfes=budgets, seed=seed, iters=max(calibrate_iters, 1), reference_steps=reference_steps,
+                             samples=confirm_samples,
                              log=console.print)  # fmt: skip
         else:
             tuning = tune(loaded.model, loaded.process, loaded.prediction, budgets, shape=shape, samples=samples, seed=seed,
                           search_iters=search_iters, reference_steps=reference_steps, calibrate_iters=calibrate_iters,
-                          name=str(model), log=console.print)  # fmt: skip
+                          calibrate_top=calibrate_top, confirm_samples=confirm_samples,
+                          calibrate_samples=calibrate_samples, name=str(model), log=console.print)  # fmt: skip
     tuning.save(out)
     table = Table("NFE", "solver", "grid", "RMS error", "fallback RMS", "ratio")
     for entry in tuning.entries.values():

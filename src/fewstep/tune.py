@@ -71,6 +71,9 @@ START_TOP = 4  # how many of the best configurations from t_max (on the calibrat
 CALIBRATE_ITERS = 30
 CALIBRATE_LR = 0.02
 CALIBRATE_CHECK_EVERY = 5
+# The corrections change the order of the best configurations: the CALIBRATE_TOP best on the confirmation batch each
+# get corrections fitted, and the lowest corrected error there wins (README, "On the learned models").
+CALIBRATE_TOP = 2
 # Grids are searched (`optimize_schedule`: finite differences, 2 (steps - 1) + 1 runs per iteration, so its cost grows
 # as NFE squared) at budgets up to SEARCH_MAX_NFE: in the shipped tunings of the three digits models a searched grid
 # was chosen at 14 of the 21 budgets 3-9 and at none of the 3 at NFE 10.
@@ -197,6 +200,8 @@ def tune(
     confirm_samples: int = CONFIRM_SAMPLES,
     confirm_top: int = CONFIRM_TOP,
     calibrate_iters: int = CALIBRATE_ITERS,
+    calibrate_top: int = CALIBRATE_TOP,
+    calibrate_samples: int | None = None,
     reference_solver: str = "dpmpp_2m",
     reference_steps: int = 200,
     reference_rtol: float = 0.01,
@@ -217,9 +222,10 @@ def tune(
     confirm_samples, confirm_top: the `confirm_top` best configurations on the selection noise are scored again on
         `confirm_samples` samples of the selection seed (a superset of the selection batch) and the best there is
         kept (`CONFIRM_SAMPLES`; no confirmation where confirm_top is 0 or confirm_samples <= samples).
-    calibrate_iters: Adam iterations of the chosen configuration's learned corrections (`fewstep.corrections`), fitted
-        on max(samples, confirm_samples) samples of the calibration seed and stopped early on the selection seed; kept
-        only where they lower its error there (0: none; `CALIBRATE_ITERS`).
+    calibrate_iters: Adam iterations of the learned corrections (`fewstep.corrections`) of each of the `calibrate_top`
+        best configurations on the confirmation batch, fitted on max(samples, calibrate_samples) samples of the
+        calibration seed (calibrate_samples: default confirm_samples) and stopped early on the confirmation batch; kept
+        only where they lower the error there, and the lowest error wins (0: none; `CALIBRATE_ITERS`, `CALIBRATE_TOP`).
     model_key: the key of a model that is not a torch module (default: its weights' SHA-256, `tuning.model_key`).
     """
     check_prediction(prediction)
@@ -242,6 +248,9 @@ def tune(
     confirm_samples = check_int(confirm_samples, "confirm_samples", minimum=2, maximum=100_000)
     confirm_top = check_int(confirm_top, "confirm_top", minimum=0, maximum=1000)
     calibrate_iters = check_int(calibrate_iters, "calibrate_iters", minimum=0, maximum=100_000)
+    calibrate_top = check_int(calibrate_top, "calibrate_top", minimum=1, maximum=1000)
+    calibrate_samples = confirm_samples if calibrate_samples is None else check_int(
+        calibrate_samples, "calibrate_samples", minimum=2, maximum=100_000)  # fmt: skip
     reference_steps = check_int(reference_steps, "reference_steps", minimum=4, maximum=100_000)
     key = key_of(model) if model_key is None else model_key
     say = log or (lambda text: None)
@@ -252,7 +261,7 @@ def tune(
 
     confirm = confirm_top > 0 and confirm_samples > samples
     wide_samples = confirm_samples if confirm else samples
-    cal_all = noise_of(seed, max(samples, confirm_samples) if calibrate_iters else samples)
+    cal_all = noise_of(seed, max(samples, calibrate_samples) if calibrate_iters else samples)
     wide = noise_of(seed + 1, wide_samples)
     start = time.perf_counter()
     ref_all, record = converged_reference(model, cal_all, process, prediction, reference_solver, reference_steps, reference_rtol)
@@ -267,11 +276,11 @@ def tune(
         grids = dict(candidates=candidates, ends=end_times(process, end_log_snrs), starts=start_times(process, start_log_snrs))
         searched = searched_count(search_top, nfe) if nfe <= search_max_nfe else 0
         tops = dict(start_top=start_top, search_top=searched, search_iters=search_iters, select_top=select_top,
-                    confirm_top=confirm_top)  # fmt: skip
-        tuning.entries[nfe] = _tune_one(model, process, prediction, nfe, beds, **grids, **tops)
-        entry = tuning.entries[nfe]
-        if calibrate_iters:
+                    confirm_top=max(confirm_top, calibrate_top if calibrate_iters else 1))  # fmt: skip
+        best = _tune_one(model, process, prediction, nfe, beds, **grids, **tops)[: calibrate_top if calibrate_iters else 1]
+        for entry in best if calibrate_iters else []:
             _calibrate(model, process, prediction, entry, beds, calibrate_iters)
+        entry = tuning.entries[nfe] = min(best, key=lambda e: e.error)
         corrected = f", corrected from {entry.corrections['error_before']:.3g}" if entry.corrections else ""
         say(f"NFE {nfe}: {entry.solver} on {entry.grid}, RMS {entry.error:.3g}{corrected} (fallback {entry.fallback_error:.3g}), "
             f"{time.perf_counter() - start:.0f} s")  # fmt: skip
@@ -300,8 +309,9 @@ def _tune_one(
     search_iters,
     select_top,
     confirm_top,
-) -> TunedEntry:
-    """The best configuration at one budget, chosen on the selection noise (see the module doc).
+) -> list[TunedEntry]:
+    """The best configurations at one budget, best first: the `confirm_top` best on the selection noise, ordered by
+    their error on the confirmation batch (where there is one; see the module doc).
 
     beds: "cal", "sel" and "confirm" (or None) -> (noise, reference)."""
     (cal, ref_cal), (sel, ref_sel) = beds["cal"], beds["sel"]
@@ -334,36 +344,34 @@ def _tune_one(
     for c in scored:
         c["sel"] = _score(model, sel, ref_sel, process, prediction, c["solver"], c["steps"], c["schedule"], c["denoise"],
                           c["t_end"], t_start=c["t_start"])  # fmt: skip
-    best = min(scored, key=lambda c: c["sel"], default=dict(sel=math.inf))
-    if not math.isfinite(best["sel"]):
+    ranked = sorted((c for c in scored if math.isfinite(c["sel"])), key=lambda c: c["sel"])
+    if not ranked:
         raise TuningError(f"every configuration diverges at nfe={nfe} on this model (non-finite error)")
     final = beds["confirm"] or beds["sel"]
-    if beds["confirm"]:
-        top = sorted((c for c in scored if math.isfinite(c["sel"])), key=lambda c: c["sel"])[:confirm_top]
-        for c in top:
-            c["final"] = _score(model, *final, process, prediction, c["solver"], c["steps"], c["schedule"], c["denoise"],
-                                c["t_end"], t_start=c["t_start"])  # fmt: skip
-        if any(math.isfinite(c["final"]) for c in top):
-            best = min(top, key=lambda c: c["final"])
+    top = ranked[: max(confirm_top, 1)]
+    for c in top:
+        c["final"] = c["sel"] if beds["confirm"] is None else _score(
+            model, *final, process, prediction, c["solver"], c["steps"], c["schedule"], c["denoise"], c["t_end"],
+            t_start=c["t_start"])  # fmt: skip
+    top = sorted((c for c in top if math.isfinite(c["final"])), key=lambda c: c["final"]) or ranked[:1]
     fallback_error = _fallback_error(model, final, process, prediction, nfe)
+    candidates = {
+        f"{c['solver']} {c['label']}": c.get("sel", math.inf) for c in configs if "sel" in c or not math.isfinite(c["cal"])
+    }
+    confirmed = {f"{c['solver']} {c['label']}": c["final"] for c in configs if "final" in c} if beds["confirm"] else {}
+    return [_entry(process, nfe, c, fallback_error, candidates, confirmed) for c in top]
+
+
+def _entry(process, nfe: int, best: dict[str, Any], fallback_error: float, candidates, confirmed) -> TunedEntry:
+    """The TunedEntry of one scored configuration (its error: on the confirmation batch where there is one)."""
     t_end = process.t_min if best["t_end"] is None else best["t_end"]
     t_start = process.t_max if best["t_start"] is None else best["t_start"]
     times = best["schedule"] if isinstance(best["schedule"], torch.Tensor) else Schedule(best["schedule"]).grid(
         process, best["steps"], t_start, t_end)  # fmt: skip
-    return TunedEntry(
-        nfe=nfe,
-        solver=best["solver"],
-        steps=best["steps"],
-        times=[float(t) for t in times],
-        denoise_to_zero=best["denoise"],
-        grid=best["label"],
-        error=best["final"] if math.isfinite(best.get("final", math.inf)) else best["sel"],
-        fallback_error=fallback_error,
-        candidates={
-            f"{c['solver']} {c['label']}": c.get("sel", math.inf) for c in configs if "sel" in c or not math.isfinite(c["cal"])
-        },
-        confirmed={f"{c['solver']} {c['label']}": c["final"] for c in configs if "final" in c},
-    )
+    error = best["final"] if math.isfinite(best.get("final", math.inf)) else best["sel"]
+    return TunedEntry(nfe=nfe, solver=best["solver"], steps=best["steps"], times=[float(t) for t in times],
+                      denoise_to_zero=best["denoise"], grid=best["label"], error=error, fallback_error=fallback_error,
+                      candidates=dict(candidates), confirmed=dict(confirmed))  # fmt: skip
 
 
 def correct(
