@@ -1,5 +1,6 @@
 """Held-out RMS error of solver="auto" with a model's shipped tuning and with another tuning file, at each budget of
-the latter (256 samples of seed 2 against the 200-step reference): python scripts/compare_tunings.py MODEL TUNING.json"""
+the latter (N samples of seed 2, default 256, against the STEPS-step reference, default 200):
+python scripts/compare_tunings.py MODEL TUNING.json [N [STEPS]]"""
 
 import sys
 
@@ -12,11 +13,12 @@ from fewstep.shipped import load_model
 from fewstep.tune import converged_reference
 from fewstep.tuning import Tuning
 
-name, path = sys.argv[1:]
+name, path, *rest = sys.argv[1:]
+n, steps = (int(v) for v in [*rest, *(256, 200)[len(rest) :]])
 loaded = load_model(name)
 other = Tuning.load(path)
-noise = torch.randn(256, *sample_shape(loaded), generator=torch.Generator().manual_seed(2))
-reference, _ = converged_reference(loaded.model, noise, loaded.process, loaded.prediction, "dpmpp_2m", 200, 1.0)
+noise = torch.randn(n, *sample_shape(loaded), generator=torch.Generator().manual_seed(2))
+reference, _ = converged_reference(loaded.model, noise, loaded.process, loaded.prediction, "dpmpp_2m", steps, 1.0)
 for nfe, entry in sorted(other.entries.items()):
     errors = [
         rms_error(

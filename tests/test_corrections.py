@@ -126,6 +126,29 @@ class Keyed:
         return self.exact(x, t)
 
 
+def test_tune_keeps_the_lowest_corrected_error_of_the_best_few():
+    """With calibrate_top=k the k best configurations each get corrections, and the one with the lowest corrected
+    error on the confirmation batch is kept: the same error as fitting that configuration alone."""
+    from fewstep.tune import tune
+
+    candidates = (("ipndm", "logsnr"), ("deis", "quadratic"), ("dpmpp_2m", "quadratic"))
+    settings = dict(model_key=Keyed.tuning_key, shape=(4,), samples=32, search_top=0, end_log_snrs=(), confirm_samples=128,
+                    calibrate_iters=20)  # fmt: skip
+    alone = {c: tune(Keyed(), PROCESS, "eps", [5], candidates=(c,), **settings).entry(5) for c in candidates}
+    assert all(e.corrections for e in alone.values())  # every one gains: the choice is among corrected errors
+    best_few = tune(Keyed(), PROCESS, "eps", [5], candidates=candidates, calibrate_top=3, **settings).entry(5)
+    first = tune(Keyed(), PROCESS, "eps", [5], candidates=candidates, calibrate_top=1, **settings).entry(5)
+    winner = min(alone, key=lambda c: alone[c].error)
+    assert (best_few.solver, best_few.grid) == winner
+    assert best_few.error == pytest.approx(alone[winner].error, rel=1e-9)
+    assert (first.solver, first.grid) == ("ipndm", "logsnr")  # the best uncorrected one ...
+    assert best_few.error < 0.8 * first.error  # ... is not the best corrected one
+    assert len(best_few.confirmed) == 3
+    same_solver = (("ipndm", "logsnr"), ("ipndm", "quadratic"), ("deis", "quadratic"))
+    two = tune(Keyed(), PROCESS, "eps", [5], candidates=same_solver, calibrate_top=2, confirm_top=1, **settings).entry(5)
+    assert sorted(name.split()[0] for name in two.confirmed) == ["deis", "ipndm"]  # one per solver
+
+
 def test_tune_fits_corrections_and_correct_adds_them_to_a_tuning():
     """tune(calibrate_iters=...) stores corrections that lower the held-out error of solver="auto"; `correct` adds
     them to a tuning made without; both keep the chosen solver and grid."""

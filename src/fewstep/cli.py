@@ -340,7 +340,10 @@ def tune_command(
         help="Adam iterations of the chosen configuration's learned corrections (time shift, noise scaling, mixing; 0: none).",
     ),  # fmt: skip
     calibrate_top: int = typer.Option(
-        2, min=1, max=1000, help="How many of the best configurations get corrections fitted (the lowest error wins)."
+        2,
+        min=1,
+        max=1000,
+        help="Corrections are fitted to the best configuration of each of this many best solvers; the lowest error wins.",
     ),  # fmt: skip
     confirm_samples: int = typer.Option(
         256, min=2, max=100_000, help="Samples of the confirmation batch (seed + 1) that ranks the best few and stops the fit."
