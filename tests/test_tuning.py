@@ -311,6 +311,33 @@ def test_cli_correct_only_fits_corrections_of_the_attached_tuning(tmp_path):
     assert fitted is None or (fitted.nfe == 4 and fitted.error < fitted.error_before)  # kept only where it pays
 
 
+def test_cli_tune_takes_the_confirmation_and_calibration_sizes(tmp_path):
+    """`fewstep tune CKPT --confirm-samples N --calibrate-samples M --calibrate-top K` reaches `tune`: a confirmation
+    batch wider than --samples ranks the best few (listed in `confirmed`), one no wider is skipped; a size below 2 is
+    a usage error naming it."""
+    from typer.testing import CliRunner
+
+    from fewstep.cli import app
+
+    config = {"model": {"net": {"type": "mlp", "dim": 2, "width": 8, "depth": 1}, "prediction": "eps"}}
+    torch.manual_seed(0)
+    sidecar = save_checkpoint(tmp_path / "checkpoint", model=build_model(config["model"], PROCESS), config=config, step=1)
+    args = ["tune", str(sidecar), "--nfe", "4", "--samples", "16", "--search-iters", "0", "--reference-steps", "40",
+            "--calibrate-iters", "5", "--calibrate-top", "2", "--calibrate-samples", "24",
+            "--out", str(tmp_path / "t.json")]  # fmt: skip
+    runner = CliRunner()
+    bad = runner.invoke(app, [*args, "--confirm-samples", "1"])
+    assert bad.exit_code == 2 and "--confirm-samples" in bad.output
+    unconfirmed = runner.invoke(app, [*args, "--confirm-samples", "16"])  # not wider than --samples: no confirmation
+    assert unconfirmed.exit_code == 0 and Tuning.load(tmp_path / "t.json").entry(4).confirmed == {}
+    ok = runner.invoke(app, [*args, "--confirm-samples", "32"])
+    assert ok.exit_code == 0, ok.output
+    entry = Tuning.load(tmp_path / "t.json").entry(4)
+    assert len(entry.confirmed) >= 2 and entry.error == pytest.approx(
+        entry.corrections["error"] if entry.corrections else entry.confirmed[f"{entry.solver} {entry.grid}"]
+    )
+
+
 def test_search_stops_above_search_max_nfe_and_selection_scores_the_best_few():
     """Grids are searched only at budgets <= search_max_nfe; only the select_top best configurations on the
     calibration noise (plus the searched ones) are scored on the selection noise and listed."""
