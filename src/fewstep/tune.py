@@ -5,9 +5,10 @@ against a many-step reference of the same model on calibration noise; the best f
 searched (`fewstep.optimize_schedule`, the idea of Align Your Steps, Sabour et al., 2024, and of the
 trajectory-error schedule searches of Xue et al., 2024) on that calibration noise, at budgets up to `SEARCH_MAX_NFE`;
 then the `SELECT_TOP` best and every searched configuration are scored again on *selection* noise of another seed,
-the best few there once more on a wider batch of that seed
-(`CONFIRM_SAMPLES`), and the best of those is kept (so a grid over-fitted to the calibration samples loses, and a
-choice does not hinge on one sample near a boundary between modes); on a process that starts at log-SNR -inf
+the best few there once more on a wider batch of that seed (`CONFIRM_SAMPLES`), and the best of those is kept (so a
+grid over-fitted to the calibration samples loses, and a choice does not hinge on one sample near a boundary between
+modes), or, with learned corrections (`calibrate_iters`), the lowest corrected error of the best configuration of
+each of the `CALIBRATE_TOP` best solvers; on a process that starts at log-SNR -inf
 (rectified flow) the best configurations are also scored from a finite start (`START_LOG_SNRS`); a configuration
 whose samples collapse toward the mean of the modes (`collapsed`) is never chosen, however low its RMS error. The
 reference is checked for convergence (the same solver at half the steps must agree to `reference_rtol`); a model
