@@ -340,7 +340,7 @@ def tune_command(
         help="Adam iterations of the chosen configuration's learned corrections (time shift, noise scaling, mixing; 0: none).",
     ),  # fmt: skip
     calibrate_top: int = typer.Option(
-        2,
+        1,
         min=1,
         max=1000,
         help="Corrections are fitted to the best configuration of each of this many best solvers; the lowest error wins.",
