@@ -127,8 +127,8 @@ class Keyed:
 
 
 def test_tune_keeps_the_lowest_corrected_error_of_the_best_few():
-    """With calibrate_top=k the k best configurations each get corrections, and the one with the lowest corrected
-    error on the confirmation batch is kept: the same error as fitting that configuration alone."""
+    """With calibrate_top=k the best configuration of each of the k best solvers gets corrections, and the one with
+    the lowest corrected error on the confirmation batch is kept: the same error as fitting that configuration alone."""
     from fewstep.tune import tune
 
     candidates = (("ipndm", "logsnr"), ("deis", "quadratic"), ("dpmpp_2m", "quadratic"))
