@@ -150,3 +150,16 @@ def test_reuse_takes_fixed_and_peer_rows_and_reruns_the_defaults(bench):
         bl.bench_model("ring2d", model, process, "eps", [5], noise, candidates=(), reference_steps=100, reuse=result)
     with pytest.raises(ValueError, match="reuse: the earlier report"):
         bl.bench_model("ring2d", model, process, "eps", [4], noise[:8], candidates=(), reference_steps=100, reuse=result)
+
+
+def test_ratios_carry_a_bootstrap_interval_that_holds_the_point_ratio(bench):
+    """The summary's ratios come with a paired bootstrap interval over the noise samples (kept in learned.json)."""
+    result = bench[0]
+    tuned = result.row(bl.TUNED).cells[4]
+    _, fixed_err = result.best((bl.FIXED,), 4)
+    low, high = result.intervals[4]["tuned/fixed"]
+    assert low <= tuned.rmse / fixed_err <= high and low < high
+    assert f"{tuned.rmse / fixed_err:.2f} ({low:.2f}-{high:.2f})" in bl.summary_markdown(result)
+    again = bl.LearnedResult.from_dict(result.to_dict())
+    assert again.intervals == result.intervals and bl.summary_markdown(again) == bl.summary_markdown(result)
+    assert all(c.errors is None for r in again.rows for c in r.cells.values())  # per-sample errors are not saved

@@ -12,10 +12,11 @@ ICLR 2023), UniPC-2 on the quadratic grid at 3 evaluations. Where it starts deep
 betas, clipped at 0.999: -9.9; zero terminal SNR, -inf, started like rectified flow at log-SNR FLOW_START_LOG_SNR):
 UniPC-2 (bh2; Zhao et al., "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models",
 NeurIPS 2023), time-uniform up to 10 evaluations (its steps at high noise keep samples near a mode boundary in their
-mode), then quadratic (t_i = t_end + (t_max - t_end) (i / n)^2). Chosen with `scripts/vp_fallback.py` (noise seed 4;
-75 solver x grid x end candidates on digits_vp, digits_cosine_v, two MLPs and exact mixtures; ratio of the RMS error
-to the best of diffusers' 15 configurations at equal NFE). No candidate wins on every network (digits_vp wants the
-quadratic grid, a moons MLP the log-SNR one); DEIS / log-SNR is the compromise on linear betas. Held out
+mode), then quadratic (uniform in sqrt(t): t_i = (sqrt(t_max) + (sqrt(t_end) - sqrt(t_max)) i / n)^2). Chosen
+with `scripts/vp_fallback.py` (noise seed 4; 75 solver x grid x end candidates on digits_vp, digits_cosine_v, two
+MLPs and exact mixtures; ratio of the RMS error to the best of diffusers' 15 configurations at equal NFE). No
+candidate wins on every network (digits_vp wants the quadratic grid, a moons MLP the log-SNR one); DEIS / log-SNR is
+the compromise on linear betas. Held out
 (`scripts/vp_rule_heldout.py`, noise seed 2) at NFE 3-20: digits_vp 0.84-1.06 (the former rule, DEIS / iPNDM on the
 log-SNR grid to t_min: 0.27-1.60), digits_cosine_v 0.87-1.08 (former, iPNDM on the quadratic grid: 0.99-2.08); a
 circles MLP the rule never saw 0.68-1.74; held-out exact mixtures 0.29-1.42 (README, "Recommended defaults"). Heun on

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..accuracy import rms_error
+from ..accuracy import rms_error, rms_ratio_interval, squared_errors
 from ..budget import plan_for_nfe
 from ..io import save_figure
 from ..parameterization import ModelError, SolverError
@@ -55,6 +55,7 @@ class Cell:
     what: str = ""  # e.g. the configuration solver="auto" chose, or why the cell is empty
     fallback: bool = False  # tuned row only: solver="auto" had no tuned entry and used the fallback
     diverged: bool = False
+    errors: torch.Tensor | None = field(default=None, repr=False, compare=False)  # per sample (not saved)
 
     @property
     def ran(self) -> bool:
@@ -84,6 +85,8 @@ class LearnedResult:
     reference: dict[str, Any]
     baseline: str  # the DDIM configuration divergence is judged against
     seconds: float
+    # NFE -> "tuned/peer", "tuned/fixed", "fallback/peer" -> RATIO_LEVEL bootstrap interval of that ratio (`intervals`)
+    intervals: dict[int, dict[str, list[float]]] = field(default_factory=dict)
 
     def row(self, kind: str, label: str | None = None) -> LearnedRow:
         return next(r for r in self.rows if r.kind == kind and (label is None or r.label == label))
@@ -104,12 +107,14 @@ class LearnedResult:
         """The inverse of `to_dict` (e.g. to merge the learned.json of separate runs into one report)."""
         rows = [LearnedRow(r["kind"], r["label"], {int(n): Cell(**c) for n, c in r["cells"].items()}, r["solver"], r["grid"])
                 for r in data["rows"]]  # fmt: skip
-        return cls(**{**data, "rows": rows})
+        intervals = {int(n): v for n, v in data.get("intervals", {}).items()}
+        return cls(**{**data, "rows": rows, "intervals": intervals})
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         for row in out["rows"]:
-            row["cells"] = {str(n): c for n, c in row["cells"].items()}
+            row["cells"] = {str(n): {k: v for k, v in c.items() if k != "errors"} for n, c in row["cells"].items()}
+        out["intervals"] = {str(n): v for n, v in self.intervals.items()}
         return out
 
 
@@ -142,6 +147,7 @@ def pooled_digits_fd(data: torch.Tensor) -> Callable[[torch.Tensor], float]:
 def _measure(cell: Cell, x: torch.Tensor, reference: torch.Tensor, fd: Callable[[torch.Tensor], float] | None) -> Cell:
     finite = bool(torch.isfinite(x).all())
     cell.rmse = rms_error(x, reference) if finite else math.inf
+    cell.errors = squared_errors(x, reference) if finite else None
     cell.fd = fd(x) if fd is not None and finite else math.nan
     return cell
 
@@ -241,8 +247,30 @@ def bench_model(
         for nfe, cell in row.cells.items():
             limit = base.cells[nfe].rmse if base is not None else math.inf
             cell.diverged = cell.ran and (not math.isfinite(cell.rmse) or (math.isfinite(limit) and cell.rmse > limit))
-    return LearnedResult(name, repr(process), prediction, nfes, int(noise.shape[0]), seed, rows, record,
-                         baseline if base is not None else "", time.perf_counter() - start)  # fmt: skip
+    result = LearnedResult(name, repr(process), prediction, nfes, int(noise.shape[0]), seed, rows, record,
+                           baseline if base is not None else "", time.perf_counter() - start)  # fmt: skip
+    result.intervals = intervals(result)
+    return result
+
+
+RATIO_LEVEL = 0.95
+
+
+def intervals(result: LearnedResult) -> dict[int, dict[str, list[float]]]:
+    """Per NFE, the RATIO_LEVEL paired-bootstrap interval (`accuracy.rms_ratio_interval`, over the noise samples) of
+    the summary's ratios, tuned/peer, tuned/fixed and fallback/peer, where both cells kept their per-sample errors
+    (rows reused from an earlier report did not). An RMS error at 15-20 NFE can hinge on 1 % of the samples
+    (digits_cosine_v NFE 15: 28-72 % of the squared error), so a ratio's point value alone overstates what it shows."""
+    out: dict[int, dict[str, list[float]]] = {}
+    for n in result.nfes:
+        (peer, _), (fixed, _) = result.best(PEER_KINDS, n), result.best((FIXED,), n)
+        pairs = {"tuned/peer": (result.row(TUNED), peer), "tuned/fixed": (result.row(TUNED), fixed),
+                 "fallback/peer": (result.row(FALLBACK), peer)}  # fmt: skip
+        for label, (row, base) in pairs.items():
+            a, b = row.cells[n].errors, base.cells[n].errors if base is not None else None
+            if a is not None and b is not None and bool(b.sum() > 0):
+                out.setdefault(n, {})[label] = list(rms_ratio_interval(a, b, level=RATIO_LEVEL))
+    return out
 
 
 def _reused_rows(reuse: LearnedResult, name: str, noise: torch.Tensor, record: dict[str, Any], nfes: list[int]):
@@ -300,8 +328,10 @@ def _rmse_fd(cell: Cell) -> str:
     return text + (" †" if cell.diverged else "")
 
 
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if math.isfinite(a) and math.isfinite(b) and b > 0 else "-"
+def _ratio(a: float, b: float, interval: Sequence[float] | None = None) -> str:
+    if not (math.isfinite(a) and math.isfinite(b) and b > 0):
+        return "-"
+    return f"{a / b:.2f}" + (f" ({interval[0]:.2f}-{interval[1]:.2f})" if interval else "")
 
 
 def _short(label: str) -> str:
@@ -331,7 +361,8 @@ def summary_markdown(result: LearnedResult) -> str:
     lines = [
         f"**{result.model}** ({result.prediction} on {result.process}); {result.samples} samples of noise seed {result.seed}; "
         f"reference: {text}{flag}; "
-        f"its FD (the floor) {_num(floor)}; {result.seconds:.0f} s\n",
+        f"its FD (the floor) {_num(floor)}; {result.seconds:.0f} s"
+        + (f"; ratios with their {RATIO_LEVEL:.0%} bootstrap interval over the samples" if result.intervals else "") + "\n",
         "| NFE | tuned RMSE (FD) | fallback RMSE (FD) | best fixed: name RMSE | best peer: name RMSE | tuned/peer | tuned/fixed "
         "| fallback/peer |",
         "|" + "---|" * 8,
@@ -343,8 +374,10 @@ def summary_markdown(result: LearnedResult) -> str:
         tuned_text = _rmse_fd(t) + (" (fallback)" if t.fallback else f" [{t.what}]")
         fixed_text = f"{_short(best_fixed.label)} {_num(fixed_err)}" if best_fixed else "-"
         peer_text = f"{_short(best_peer.label)} {_num(peer_err)}" if best_peer else "-"
+        within = result.intervals.get(n, {}).get
         lines.append(f"| {n} | {tuned_text} | {_rmse_fd(f)} [{f.what}] | {fixed_text} | {peer_text} | "
-                     f"{_ratio(t.rmse, peer_err)} | {_ratio(t.rmse, fixed_err)} | {_ratio(f.rmse, peer_err)} |")  # fmt: skip
+                     f"{_ratio(t.rmse, peer_err, within('tuned/peer'))} | {_ratio(t.rmse, fixed_err, within('tuned/fixed'))} | "
+                     f"{_ratio(f.rmse, peer_err, within('fallback/peer'))} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
