@@ -8,6 +8,7 @@ flow map. Printed per candidate and bed: ratio of its error to the best peer's a
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python scripts/vp_fallback.py [--seed 4] [--out out/vpfb/sweep.json]  (~15 min)
 [--models digits_vp,digits_cosine_v,out/heldout/moons_vp/checkpoint.json] [--no-exact] (checkpoints: 1,000 noises)
+[--nfes 15,20] [--digits-samples 128]
 """
 
 import argparse
@@ -45,10 +46,10 @@ def candidate(model, noise, process, prediction, nfe, solver, grid, end):
                           schedule=grid, t_end=t_end, denoise_to_zero=denoise)  # fmt: skip
 
 
-def beds(seed: int, models: list[str], exact: bool):
+def beds(seed: int, models: list[str], exact: bool, digits_samples: int = 128):
     for name in models:
         loaded = load_model(name)
-        count = 128 if name.startswith("digits") else 1000
+        count = digits_samples if name.startswith("digits") else 1000
         noise = torch.randn(count, *sample_shape(loaded), generator=torch.Generator().manual_seed(seed))
         m, process, prediction = loaded.model, loaded.process, loaded.prediction
         with torch.no_grad():
@@ -71,12 +72,17 @@ def main() -> None:
     parser.add_argument("--out", default="out/vpfb/sweep.json")
     parser.add_argument("--models", default="digits_vp,digits_cosine_v", help="shipped names or checkpoint paths")
     parser.add_argument("--no-exact", action="store_true", help="learned beds only")
+    parser.add_argument("--nfes", default=",".join(map(str, NFES)))
+    parser.add_argument("--digits-samples", type=int, default=128, help="noises of a digits model (RMS at NFE >= 15 "
+                        "hinges on the few near a boundary between modes: use 1024 there)")
     args = parser.parse_args()
     records = []
-    for bed, model, process, prediction, noise, reference in beds(args.seed, args.models.split(','), not args.no_exact):
+    nfes = [int(n) for n in args.nfes.split(",")]
+    for bed, model, process, prediction, noise, reference in beds(args.seed, args.models.split(","), not args.no_exact,
+                                                                   args.digits_samples):
         target = peer_lib.Target(model, process, prediction)
         runs = peer_lib.peers(target)
-        for nfe in NFES:
+        for nfe in nfes:
             best_peer, best_label = peer_lib.best_at_nfe(runs, target, noise, reference, nfe)
             cells = {}
             for solver in SOLVERS:
