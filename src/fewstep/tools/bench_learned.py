@@ -13,7 +13,9 @@ the floor) of:
   at exactly N evaluations.
 
 A configuration *diverges* at an NFE when its samples are not finite or its RMS error exceeds that of DDIM on the
-process's default grid at the same NFE (`DDIM baseline`); such cells are marked. `fallback_analysis` turns the
+process's default grid at the same NFE (`DDIM baseline`); such cells are marked. Each ratio of the summary (tuned and
+fallback against the best peer and the best fixed configuration) comes with its paired bootstrap interval over the
+noise samples (`intervals`). `fallback_analysis` turns the
 full tables of several models into the worst-case ratio of each fixed configuration to the best fixed one, the
 measurement behind a fallback default that holds on learned models.
 """
