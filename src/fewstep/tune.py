@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .accuracy import rms_error
+from .accuracy import rms_error, squared_errors
 from .budget import plan_for_nfe
 from .calibrate import fit_corrections
 from .checks import check_int, check_real
@@ -154,7 +154,7 @@ def converged_reference(
     """
     full = _reference(model, noise, process, prediction, solver, steps)
     half = _reference(model, noise, process, prediction, solver, steps // 2)
-    per_sample = (half - full).double().flatten(1).pow(2).mean(1).sqrt() / 3.0
+    per_sample = squared_errors(half, full).sqrt() / 3.0
     median, scale = float(per_sample.median()), float(full.double().pow(2).mean().sqrt())
     record = dict(solver=solver, steps=steps, estimated_error_median=median, estimated_error_max=float(per_sample.max()),
                   estimated_error_rms=float(per_sample.pow(2).mean().sqrt()), sample_rms=scale)  # fmt: skip
